@@ -1,0 +1,178 @@
+"""Typed schemas for everything a training run reads: model, data, train, parallel,
+checkpoint, logging and cluster sections.
+
+Every section forbids unknown keys, so a typo is an error that names the key rather
+than a silently ignored setting. Cross-field rules that only make sense for a whole
+run (batch arithmetic, sequence vs position table, experts vs expert-parallel size)
+live on `RunConfig`.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+GPT2_VOCAB_SIZE = 50257  # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MoEConfig(Section):
+    """Switch Transformer top-1 routing (Fedus et al. 2021) with ST-MoE's router z-loss."""
+
+    num_experts: PositiveInt
+    every: PositiveInt = Field(2, description="every k-th FFN is a MoE layer (Switch: 2; Switch-C: 1)")
+    capacity_factor: PositiveFloat = Field(1.25, description="expert capacity factor in training")
+    eval_capacity_factor: PositiveFloat = Field(2.0, description="expert capacity factor in eval mode")
+    jitter: float = Field(0.0, ge=0.0, lt=1.0, description="multiplicative router input noise in training (Switch: 1e-2)")
+    aux_loss_coef: float = Field(0.01, ge=0.0, description="alpha of the load-balancing loss")
+    z_loss_coef: float = Field(1e-3, ge=0.0, description="router z-loss coefficient (ST-MoE)")
+    expert_init_scale: PositiveFloat = Field(0.1, description="expert weight init std is scaled by this (Switch: 0.1)")
+    expert_d_ff: Optional[PositiveInt] = Field(None, description="expert hidden width; default: model d_ff")
+
+
+class ModelConfig(Section):
+    name: str = "gpt"
+    n_layer: PositiveInt
+    n_head: PositiveInt
+    d_model: PositiveInt
+    d_ff: Optional[PositiveInt] = Field(None, description="MLP hidden width; default 4*d_model")
+    n_ctx: PositiveInt = Field(2048, description="size of the position table: longest sequence the model accepts")
+    vocab_size: PositiveInt = GPT2_VOCAB_SIZE
+    pos_embedding: Literal["learned", "sinusoidal"] = "learned"
+    attention: Literal["dense", "alternating"] = Field(
+        "dense", description="'alternating': even layers dense causal, odd layers locally banded causal (GPT-3)")
+    local_window: PositiveInt = Field(256, description="band width (tokens) of the locally banded layers")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+    layer_norm_eps: PositiveFloat = 1e-5
+    init_std: PositiveFloat = 0.02
+    moe: Optional[MoEConfig] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.n_head: {self.n_head} heads do not divide model.d_model={self.d_model}")
+        return self
+
+    @property
+    def ff_width(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def expert_ff_width(self) -> int:
+        return (self.moe.expert_d_ff if self.moe and self.moe.expert_d_ff else None) or self.ff_width
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Switch places a MoE FFN in every `every`-th block, starting with the second (layers 1, 3, ...)."""
+        return self.moe is not None and (layer + 1) % self.moe.every == 0
+
+
+class DataConfig(Section):
+    path: str = Field(..., description="a data output dir holding manifest.json (written by `pretrain data run`)")
+    weights: Optional[dict[str, float]] = Field(None, description="source mixture weights; default: the manifest's")
+    heldout_percent: float = Field(1.0, ge=0.0, lt=100.0, description="documents held out for `pretrain eval`, by key hash")
+    on_corrupt: Literal["error", "skip"] = "error"
+    num_workers: int = Field(0, ge=0, description="data loader worker processes per rank")
+    verify: bool = Field(True, description="check every shard's sha256 against the manifest before reading it")
+
+
+class TrainConfig(Section):
+    seq_len: PositiveInt = 2048
+    max_steps: PositiveInt = 100
+    seed: int = 1234
+    micro_batch_size: PositiveInt = 1
+    global_batch_size: PositiveInt = Field(8, description="sequences per optimizer step, all ranks together")
+    gradient_accumulation_steps: Optional[PositiveInt] = Field(None, description="default: derived from the batch sizes")
+    lr: PositiveFloat = 6e-4
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine decays to lr*min_lr_ratio (GPT-3: 10%)")
+    warmup_tokens: int = Field(375_000_000, ge=0)
+    decay_tokens: PositiveInt = 260_000_000_000
+    batch_rampup_tokens: int = Field(0, ge=0, description="tokens over which the batch ramps up to full (0: off)")
+    batch_rampup_start_tokens: PositiveInt = Field(32768, description="batch (tokens) at the start of the ramp")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+    weight_decay: float = Field(0.1, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    activation_checkpointing: bool = False
+    loss_spike_factor: PositiveFloat = Field(2.0, description="a loss above factor x running mean counts as a spike")
+    loss_spike_patience: PositiveInt = Field(3, description="consecutive spikes that trigger a rollback")
+    inject_nonfinite_step: Optional[int] = Field(None, description="testing aid: make the loss non-finite at this step")
+
+
+class ParallelConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    ep_size: PositiveInt = Field(1, description="expert-parallel group size (MoE models)")
+    data_parallel_size: Optional[PositiveInt] = Field(None, description="default: the world size at launch")
+
+
+class CheckpointConfig(Section):
+    interval: PositiveInt = Field(1000, description="save every N optimizer steps")
+    keep_last: PositiveInt = 3
+    save_on_sigterm: bool = True
+
+
+class LoggingConfig(Section):
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "pretrain"
+    wandb_entity: Optional[str] = None
+    run_name: Optional[str] = None
+    log_interval: PositiveInt = 1
+
+
+class ClusterConfig(Section):
+    backend: Literal["local", "ray", "slurm", "k8s"] = "local"
+    nodes: PositiveInt = 1
+    gpus_per_node: int = Field(0, ge=0)
+    gpu_memory_gb: Optional[PositiveFloat] = None
+    address: Optional[str] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time_limit: str = "48:00:00"
+    image: str = "rayproject/ray:2.40.0-py311-gpu"
+    namespace: str = "default"
+    assumed_mfu: float = Field(0.4, gt=0.0, le=1.0)
+
+
+class RunConfig(Section):
+    """A whole training run: what `pretrain train` reads and saves as RUN/config.yaml."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        m, t, p = self.model, self.train, self.parallel
+        if t.seq_len > m.n_ctx:
+            raise ValueError(f"train.seq_len: {t.seq_len} is longer than the position table model.n_ctx={m.n_ctx}")
+        if m.moe is not None and m.moe.num_experts % p.ep_size:
+            raise ValueError(f"parallel.ep_size: {p.ep_size} does not divide model.moe.num_experts={m.moe.num_experts}")
+        if m.moe is None and p.ep_size != 1:
+            raise ValueError(f"parallel.ep_size: {p.ep_size} needs a MoE model (model.moe is not set)")
+        if p.data_parallel_size is not None:
+            self.check_batch(p.data_parallel_size)
+        if t.global_batch_size % t.micro_batch_size:
+            raise ValueError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                             f"train.micro_batch_size={t.micro_batch_size}")
+        return self
+
+    def check_batch(self, dp_size: int) -> int:
+        """Gradient accumulation steps for `dp_size` data-parallel ranks; raises when the batch doesn't add up."""
+        t, p = self.train, self.parallel
+        if dp_size % p.ep_size:
+            raise ValueError(f"parallel.ep_size: {p.ep_size} does not divide the data-parallel size {dp_size}")
+        per_step = t.micro_batch_size * dp_size
+        accum = t.gradient_accumulation_steps or t.global_batch_size // per_step
+        if accum < 1 or accum * per_step != t.global_batch_size:
+            raise ValueError(
+                f"train.global_batch_size: {t.global_batch_size} != train.micro_batch_size ({t.micro_batch_size}) x "
+                f"gradient accumulation ({accum}) x data-parallel size ({dp_size})")
+        return accum
