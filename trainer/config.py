@@ -101,6 +101,7 @@ class TrainConfig(Section):
     loss_spike_factor: PositiveFloat = Field(2.0, description="a loss above factor x running mean counts as a spike")
     loss_spike_patience: PositiveInt = Field(3, description="consecutive spikes that trigger a rollback")
     inject_nonfinite_step: Optional[int] = Field(None, description="testing aid: make the loss non-finite at this step")
+    step_delay_s: float = Field(0.0, ge=0.0, description="testing aid: sleep after each step (lets tests kill a run mid-way)")
 
 
 class ParallelConfig(Section):
@@ -113,6 +114,8 @@ class CheckpointConfig(Section):
     interval: PositiveInt = Field(1000, description="save every N optimizer steps")
     keep_last: PositiveInt = 3
     save_on_sigterm: bool = True
+    pause_before_commit_s: float = Field(0.0, ge=0.0, description="testing aid: pause between writing a checkpoint and "
+                                         "marking it complete (lets tests kill a run mid-checkpoint)")
 
 
 class LoggingConfig(Section):
@@ -121,10 +124,11 @@ class LoggingConfig(Section):
     wandb_entity: Optional[str] = None
     run_name: Optional[str] = None
     log_interval: PositiveInt = 1
+    sample_log: bool = Field(False, description="write RUN/samples/rank-R.jsonl: a hash of every micro-batch consumed")
 
 
 class ClusterConfig(Section):
-    backend: Literal["local", "ray", "slurm", "k8s"] = "local"
+    backend: Literal["local", "ray", "slurm", "k8s", "ssh"] = "local"
     nodes: PositiveInt = 1
     gpus_per_node: int = Field(0, ge=0)
     gpu_memory_gb: Optional[PositiveFloat] = None
@@ -135,6 +139,13 @@ class ClusterConfig(Section):
     image: str = "rayproject/ray:2.40.0-py311-gpu"
     namespace: str = "default"
     assumed_mfu: float = Field(0.4, gt=0.0, le=1.0)
+    gpu_tflops: PositiveFloat = Field(312.0, description="peak dense bf16 TFLOP/s of one GPU, for step-time "
+                                                          "estimates (A100: 312, H100 SXM: 989)")
+    cpus_per_node: PositiveInt = Field(8, description="CPU cores requested per node (SLURM, KubeRay pods)")
+    memory_per_node_gb: PositiveInt = Field(64, description="host memory requested per node (KubeRay pods)")
+    python: Optional[str] = Field(None, description="interpreter on the cluster; default: this one for "
+                                                    "slurm/ssh (shared filesystem), `python` for ray/k8s images")
+    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=G` lines) for backend ssh")
 
 
 class RunConfig(Section):

@@ -1,0 +1,199 @@
+"""Model benchmarks on this CPU, ours and a peer side by side in the same run.
+
+(a) GPT training step (forward, backward, AdamW step), tokens/s: our GPT against Hugging Face
+    GPT2LMHeadModel of the same shape and the same weights (fp32, dropout 0, same threads,
+    same optimizer, loss computed the same way), interleaved repeats after warm-up, median.
+(b) Switch layer forward + backward: our SwitchFFN against deepspeed.moe.layer.MoE (top-1,
+    capacity factor 1.25, no random token selection so both keep tokens in order, same expert
+    MLP), median time of interleaved repeats, and peak extra resident memory of one step, each
+    case in a fresh process with glibc's mmap threshold fixed so freed buffers leave RSS at once
+    (peak = VmHWM after the step minus RSS before it; /proc/self/clear_refs resets VmHWM).
+
+    python bench/model_step.py [--part gpt|moe|all] [--repeats N] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from trainer.config import ModelConfig, MoEConfig  # noqa: E402
+from trainer.model import GPT, SwitchFFN  # noqa: E402
+from trainer.model.hf import hf_config, load_hf_state_dict  # noqa: E402
+
+GPT_SHAPE = dict(n_layer=6, d_model=384, n_head=6, n_ctx=256, vocab_size=50257, dropout=0.0)
+BATCH, SEQ = 8, 256
+MOE_HIDDEN, MOE_FF, MOE_TOKENS, CAPACITY = 256, 1024, 2048, 1.25
+EXPERT_COUNTS = (8, 32, 128)
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each step, run round-robin so machine noise hits all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gpt_steps() -> dict[str, Callable[[], None]]:
+    from transformers import GPT2LMHeadModel
+
+    cfg = ModelConfig(**GPT_SHAPE)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(hf_config(cfg))  # the default attention implementation (SDPA)
+    ours = GPT(cfg)
+    load_hf_state_dict(ours, hf.state_dict())
+    data = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1))
+    x, y = data[:, :-1], data[:, 1:]
+
+    def hf_loss() -> torch.Tensor:  # HF's `labels` would shift and drop a position; score all SEQ like ours
+        logits = hf(input_ids=x).logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+
+    def make_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            opt.step()
+        return step
+
+    return {"ours": make_step(ours, lambda: ours(x, targets=y).loss), "hf": make_step(hf, hf_loss)}
+
+
+def bench_gpt(repeats: int) -> list[str]:
+    med = interleaved_medians(gpt_steps(), repeats)
+    tps = {name: BATCH * SEQ / t for name, t in med.items()}
+    return [
+        "| model | step (s) | tokens/s |", "|---|---|---|",
+        f"| ours (GPT, SDPA) | {med['ours']:.3f} | {tps['ours']:.0f} |",
+        f"| Hugging Face GPT2LMHeadModel | {med['hf']:.3f} | {tps['hf']:.0f} |",
+        f"| **ratio ours/HF** | | **{tps['ours'] / tps['hf']:.2f}** |",
+    ]
+
+
+def init_single_process_group() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # DeepSpeed's MoE asks the process group for its expert groups
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def moe_step(impl: str, num_experts: int) -> tuple[Callable[[], None], nn.Module]:
+    """One forward + backward of a layer on MOE_TOKENS tokens, loss = mean(y^2) + aux."""
+    torch.manual_seed(0)
+    x = torch.randn(MOE_TOKENS, MOE_HIDDEN, requires_grad=True)
+    if impl == "ours":
+        layer = SwitchFFN(MOE_HIDDEN, MOE_FF, MoEConfig(num_experts=num_experts, capacity_factor=CAPACITY))
+    else:
+        import deepspeed.utils.logging
+        from deepspeed.moe.layer import MoE
+
+        deepspeed.utils.logging.logger.setLevel("WARNING")
+        init_single_process_group()
+        expert = nn.Sequential(nn.Linear(MOE_HIDDEN, MOE_FF), nn.GELU(approximate="tanh"), nn.Linear(MOE_FF, MOE_HIDDEN))
+        layer = MoE(MOE_HIDDEN, expert, num_experts=num_experts, ep_size=1, k=1,
+                    capacity_factor=CAPACITY, use_rts=False)
+
+    def step() -> None:
+        layer.zero_grad(set_to_none=True)
+        out = layer(x)
+        y, aux = (out[0], out[1].aux_loss) if impl == "ours" else (out[0], out[1])
+        (y.square().mean() + aux).backward()
+    return step, layer
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def measure_peak_memory(impl: str, num_experts: int) -> int:
+    """Peak resident bytes one step adds over the weights, gradients included (run in a fresh process)."""
+    step, layer = moe_step(impl, num_experts)
+    step()
+    layer.zero_grad(set_to_none=True)  # the measured step allocates its gradients afresh
+    base = rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    step()
+    return peak_rss_bytes() - base
+
+
+def peak_memory_in_subprocess(impl: str, num_experts: int, threads: int) -> int:
+    # A fixed threshold turns off glibc's adaptive one, so large buffers are mmapped and unmapped on free.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    cmd = [sys.executable, __file__, "--memory-case", impl, str(num_experts), "--threads", str(threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+def bench_moe(repeats: int, threads: int) -> list[str]:
+    rows = ["| experts | ours (ms) | DeepSpeed (ms) | speed ratio DS/ours | ours peak (MiB) | DeepSpeed peak (MiB) "
+            "| memory ratio DS/ours |", "|---|---|---|---|---|---|---|"]
+    for e in EXPERT_COUNTS:
+        med = interleaved_medians({impl: moe_step(impl, e)[0] for impl in ("ours", "deepspeed")}, repeats)
+        mem = {impl: peak_memory_in_subprocess(impl, e, threads) for impl in ("ours", "deepspeed")}
+        rows.append(f"| {e} | {med['ours'] * 1e3:.1f} | {med['deepspeed'] * 1e3:.1f} | "
+                    f"{med['deepspeed'] / med['ours']:.2f} | {mem['ours'] / 2**20:.1f} | "
+                    f"{mem['deepspeed'] / 2**20:.1f} | {mem['deepspeed'] / mem['ours']:.2f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["gpt", "moe", "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "EXPERTS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_case:
+        impl, experts = args.memory_case
+        print(json.dumps({"peak_bytes": measure_peak_memory(impl, int(experts))}))
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats (median)\n")
+    if args.part in ("gpt", "all"):
+        print(f"GPT training step: {GPT_SHAPE['n_layer']} layers, d_model {GPT_SHAPE['d_model']}, "
+              f"{GPT_SHAPE['n_head']} heads, batch {BATCH} x seq {SEQ}, vocab {GPT_SHAPE['vocab_size']}, fp32, AdamW")
+        print("\n".join(bench_gpt(args.repeats)) + "\n")
+    if args.part in ("moe", "all"):
+        print(f"Switch layer forward+backward: top-1, capacity factor {CAPACITY}, hidden {MOE_HIDDEN}, "
+              f"expert d_ff {MOE_FF}, {MOE_TOKENS} tokens")
+        print("\n".join(bench_moe(args.repeats, args.threads)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""How close the planner's memory and step-time estimates come to a real training step.
+
+For each config, a child process builds the model, runs a few real optimizer steps (forward,
+backward, AdamW; the config's micro batch, sequence length, precision and gradient accumulation)
+and reports its peak memory: on CPU the rise of the peak resident set over the level after the
+imports (the kernel's high-water mark, reset just before the model is built), on a GPU
+`torch.cuda.max_memory_allocated`. The parent compares it with `cluster.plan.estimate_memory`
+for the same layout (one rank) and prints ratios; it exits non-zero when a memory ratio is
+outside the tolerance.
+
+    python bench/plan_accuracy.py [CONFIG ...] [--device cpu|cuda] [--json] [--tolerance 0.15]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DEFAULT_CONFIGS = ["configs/train/tiny-gpt-cpu.yaml", "configs/train/tiny-switch-cpu.yaml"]
+OPTIMIZER_STEPS = 2  # the second step is the steady state: Adam moments exist from the first
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _warm_up(run, device: str, engine_kind: str) -> None:
+    """One step of the same model shrunk to nothing, so the code pages of every kernel the real
+    steps call are already resident: the resident-set peak then counts data, not libtorch's code."""
+    data = run.model_dump()
+    data["model"].update(vocab_size=64, n_ctx=16, local_window=4)
+    data["train"].update(seq_len=8, micro_batch_size=1, global_batch_size=1)
+    _train_steps(type(run).model_validate(data), device, engine_kind)
+
+
+def _train_steps(run, device: str, engine_kind: str) -> list[float]:
+    """Seconds per optimizer step of the trainer's DeepSpeed engine (`deepspeed`) or of a plain
+    PyTorch AdamW loop (`torch`), on random tokens."""
+    import torch
+
+    t = run.train
+    accum = run.check_batch(1)
+    step = _deepspeed_step(run, accum) if engine_kind == "deepspeed" else _torch_step(run, device, accum)
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(OPTIMIZER_STEPS):
+        start = time.perf_counter()
+        for micro in range(accum):
+            idx = torch.randint(run.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=gen).to(device)
+            step(idx[:, :-1].contiguous(), idx[:, 1:].contiguous(), micro == accum - 1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _torch_step(run, device: str, accum: int):
+    import torch
+
+    from trainer.model.gpt import GPT
+
+    t = run.train
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
+    model = GPT(run.model).to(device=device, dtype=dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                  weight_decay=t.weight_decay)
+
+    def step(x, y, last: bool) -> None:
+        (model(x, y).loss / accum).backward()
+        if last:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _deepspeed_step(run, accum: int):
+    """The trainer's own model construction and engine (trainer/main.py), one rank."""
+    from trainer.engine import build_engine, expert_parallel_group, init_distributed
+    from trainer.main import build_model
+
+    init_distributed()
+    engine = build_engine(run, build_model(run, 0, expert_parallel_group(1)), 1, accum)
+
+    def step(x, y, last: bool) -> None:
+        engine.backward(engine(x, y).loss)
+        engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary itself
+    return step
+
+
+def measure(config: str, device: str, engine_kind: str) -> dict:
+    """Runs in the child process."""
+    import torch
+
+    from cluster.configio import load_run_config
+
+    run = load_run_config(config)
+    torch.manual_seed(0)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = _train_steps(run, device, engine_kind)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        _warm_up(run, device, engine_kind)
+        base = _status_kib("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        times = _train_steps(run, device, engine_kind)
+        peak = _status_kib("VmHWM") * 1024 - base
+    return {"peak_bytes": peak, "step_seconds": times, "threads": torch.get_num_threads()}
+
+
+def estimate(config: str, device: str) -> dict:
+    from cluster.configio import load_run_config
+    from cluster.plan import Layout, estimate_memory, step_time_s
+
+    run = load_run_config(config)
+    t = run.train
+    layout = Layout(run.parallel.zero_stage, 1, 1, t.micro_batch_size, run.check_batch(1), t.activation_checkpointing)
+    memory = estimate_memory(run.model, layout, t.seq_len, t.precision)
+    peak = _device_peak(t.precision, device)
+    flops, seconds = step_time_s(run.model, t.seq_len, t.global_batch_size, 1, run.cluster.assumed_mfu, peak / 1e12,
+                                 t.activation_checkpointing)
+    return {"memory": {k: getattr(memory, k) for k in ("weights", "grads", "optimizer", "activations")},
+            "total_bytes": memory.total, "step_seconds": seconds, "flops_per_step": flops,
+            "assumed_mfu": run.cluster.assumed_mfu, "peak_flops": peak}
+
+
+def _device_peak(precision: str, device: str) -> float:
+    """The same peak the trainer's MFU uses: a datasheet figure on known GPUs, a measured matmul on CPU."""
+    from trainer.metrics import device_peak
+
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return device_peak(precision)[0]
+
+
+def compare(config: str, device: str, engine_kind: str) -> dict:
+    child = subprocess.run([sys.executable, __file__, "--child", config, "--device", device, "--engine", engine_kind],
+                           capture_output=True, text=True, check=False, cwd=REPO)
+    if child.returncode != 0:
+        raise RuntimeError(f"measuring {config} failed:\n{child.stderr[-2000:]}")
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    est = estimate(config, device)
+    steady = sorted(measured["step_seconds"][1:])  # the first step pays for lazy allocations
+    median = steady[len(steady) // 2]
+    return {"config": config, "device": device, "engine": engine_kind, "measured_peak_bytes": measured["peak_bytes"],
+            "estimated_peak_bytes": est["total_bytes"], "memory_ratio": est["total_bytes"] / measured["peak_bytes"],
+            "estimate_breakdown_bytes": est["memory"], "measured_step_s": median,
+            "estimated_step_s": est["step_seconds"], "step_time_ratio": est["step_seconds"] / median,
+            "assumed_mfu": est["assumed_mfu"], "peak_flops": est["peak_flops"],
+            "achieved_mfu": est["flops_per_step"] / median / est["peak_flops"], "threads": measured["threads"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--tolerance", type=float, default=0.15, help="allowed |estimate/measured - 1| for memory")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed",
+                        help="the trainer's DeepSpeed engine (default) or a plain PyTorch AdamW loop")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.configs[0], args.device, args.engine)))
+        return 0
+    results = [compare(c, args.device, args.engine) for c in args.configs]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"{'config':40} {'measured MB':>12} {'estimated MB':>13} {'mem ratio':>9} "
+              f"{'step s':>8} {'est s':>8} {'time ratio':>10} {'MFU':>6}")
+        for r in results:
+            print(f"{r['config']:40} {r['measured_peak_bytes'] / 1e6:12.1f} {r['estimated_peak_bytes'] / 1e6:13.1f} "
+                  f"{r['memory_ratio']:9.3f} {r['measured_step_s']:8.3f} {r['estimated_step_s']:8.3f} "
+                  f"{r['step_time_ratio']:10.3f} {r['achieved_mfu']:6.3f}")
+    return 0 if all(abs(r["memory_ratio"] - 1) <= args.tolerance for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

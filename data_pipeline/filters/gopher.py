@@ -1,0 +1,123 @@
+"""Gopher rules (Rae et al. 2021, Appendix A): repetition (Table A1) and quality (A.1.1)."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from data_pipeline.config import GopherQualityConfig, GopherRepetitionConfig
+from data_pipeline.document import Document
+from data_pipeline.step import Filter
+from data_pipeline.text import split_words
+
+PARAGRAPH_RE = re.compile(r"\n{2,}")
+LINES_RE = re.compile(r"\n+")
+BULLETS = ("•", "-")
+ELLIPSES = ("...", "…")
+
+
+def duplicates(items: list[str]) -> tuple[int, int]:
+    """(number of repeated items, characters in them) counting every occurrence after the first."""
+    seen, count, chars = set(), 0, 0
+    for item in items:
+        if item in seen:
+            count += 1
+            chars += len(item)
+        else:
+            seen.add(item)
+    return count, chars
+
+
+def top_ngram_chars(words: list[str], n: int) -> int:
+    """Characters covered by the most frequent n-gram (its length times its count)."""
+    grams = Counter(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
+    if not grams:
+        return 0
+    gram, count = grams.most_common(1)[0]
+    return len(gram) * count
+
+
+def duplicate_ngram_chars(words: list[str], n: int) -> int:
+    """Characters in n-grams seen before, skipping past each repeat so overlaps count once."""
+    seen, chars, i = set(), 0, 0
+    while i < len(words) - n + 1:
+        gram = "".join(words[i:i + n])
+        if gram in seen:
+            chars += len(gram)
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return chars
+
+
+class GopherRepetition(Filter):
+    name = "gopher_repetition"
+
+    def __init__(self, config: GopherRepetitionConfig):
+        self.c = config
+
+    def reason(self, doc: Document) -> str | None:
+        text = doc.text
+        if not text.strip():
+            return "empty"
+        paragraphs = PARAGRAPH_RE.split(text.strip())
+        count, chars = duplicates(paragraphs)
+        if count / len(paragraphs) > self.c.dup_para_frac:
+            return "dup_para_frac"
+        if chars / len(text) > self.c.dup_para_char_frac:
+            return "dup_para_char_frac"
+        lines = LINES_RE.split(text)
+        count, chars = duplicates(lines)
+        if count / len(lines) > self.c.dup_line_frac:
+            return "dup_line_frac"
+        if chars / len(text) > self.c.dup_line_char_frac:
+            return "dup_line_char_frac"
+        return self._ngram_reason(split_words(text), len(text))
+
+    def _ngram_reason(self, words: list[str], n_chars: int) -> str | None:
+        for n, frac in sorted(self.c.top_ngram_char_frac.items()):
+            if top_ngram_chars(words, n) / n_chars > frac:
+                return f"top_{n}_gram"
+        for n, frac in sorted(self.c.dup_ngram_char_frac.items()):
+            if duplicate_ngram_chars(words, n) / n_chars > frac:
+                return f"dup_{n}_gram"
+        return None
+
+
+class GopherQuality(Filter):
+    name = "gopher_quality"
+
+    def __init__(self, config: GopherQualityConfig):
+        self.c = config
+        self.stop_words = set(config.stop_words)
+
+    def reason(self, doc: Document) -> str | None:
+        text, c = doc.text, self.c
+        words = split_words(text)
+        content_words = [w for w in words if any(ch.isalnum() for ch in w)]
+        if len(content_words) < c.min_words:
+            return "too_few_words"
+        if len(content_words) > c.max_words:
+            return "too_many_words"
+        mean_length = sum(map(len, content_words)) / len(content_words)
+        if mean_length < c.min_avg_word_length:
+            return "short_mean_word_length"
+        if mean_length > c.max_avg_word_length:
+            return "long_mean_word_length"
+        if text.count("#") / len(words) > c.max_symbol_word_ratio:
+            return "hash_symbol_ratio"
+        if (text.count("...") + text.count("…")) / len(words) > c.max_symbol_word_ratio:
+            return "ellipsis_ratio"
+        return self._line_and_word_reason(text, words)
+
+    def _line_and_word_reason(self, text: str, words: list[str]) -> str | None:
+        lines = text.splitlines() or [""]
+        if sum(line.lstrip().startswith(BULLETS) for line in lines) / len(lines) > self.c.max_bullet_lines_ratio:
+            return "bullet_lines_ratio"
+        if sum(line.rstrip().endswith(ELLIPSES) for line in lines) / len(lines) > self.c.max_ellipsis_lines_ratio:
+            return "ellipsis_lines_ratio"
+        if sum(any(ch.isalpha() for ch in w) for w in words) / len(words) < self.c.min_alpha_words_ratio:
+            return "alpha_words_ratio"
+        if len(self.stop_words.intersection(words)) < self.c.min_stop_words:
+            return "too_few_stop_words"
+        return None

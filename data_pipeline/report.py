@@ -1,0 +1,72 @@
+"""report.json (per source and step: in, out, removed by reason, bytes, tokens, seconds) and
+the human-readable summaries of `data run` and `data stats`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from data_pipeline.document import StepStats
+from data_pipeline.errors import PipelineError
+from data_pipeline.shards import REPORT
+
+
+def build_report(task_results: list[dict], dedup_stats: dict[str, StepStats], shard_stats: dict[str, StepStats],
+                 failed: list[dict], seconds: float) -> dict:
+    sources: dict[str, dict] = {}
+    for result in sorted(task_results, key=lambda r: r["index"]):
+        entry = sources.setdefault(result["source"], {"inputs": [], "steps": {}})
+        entry["inputs"].append({"path": result["path"], "seconds": result["seconds"], "error": result["error"]})
+        for name, data in result["stats"].items():
+            merged = entry["steps"].setdefault(name, StepStats())
+            merged.merge(StepStats.from_json(data))
+    for name, entry in sources.items():
+        for step, stats in (("dedup", dedup_stats.get(name)), ("shards", shard_stats.get(name))):
+            if stats is not None:
+                entry["steps"][step] = stats
+        entry["steps"] = {step: s.to_json() for step, s in entry["steps"].items()}
+    return {"sources": sources, "failed_inputs": failed, "seconds": round(seconds, 2)}
+
+
+def load_report(out_dir: Path) -> dict:
+    path = out_dir / REPORT
+    if not path.is_file():
+        raise PipelineError(f"{path}: no report (is {out_dir} a finished data run?)")
+    return json.loads(path.read_text())
+
+
+def summary_table(report: dict) -> Table:
+    table = Table(title="data run: documents per source and step")
+    for column in ("source", "step", "in", "out", "removed (top reasons)", "MB out", "tokens", "s"):
+        table.add_column(column, justify="left" if column in ("source", "step", "removed (top reasons)") else "right")
+    for source, entry in report["sources"].items():
+        for step, s in entry["steps"].items():
+            reasons = sorted(s["removed"].items(), key=lambda kv: -kv[1])[:3]
+            table.add_row(source, step, str(s["docs_in"]), str(s["docs_out"]),
+                          ", ".join(f"{r.split(':', 1)[-1]} {n}" for r, n in reasons), f"{s['bytes_out'] / 1e6:.2f}",
+                          str(s["tokens"] or ""), f"{s['seconds']:.1f}")
+    return table
+
+
+def print_summary(report: dict, manifest: dict | None, console: Console | None = None) -> None:
+    console = console or Console(width=max(Console().width, 120))
+    console.print(summary_table(report))
+    if manifest is not None:
+        shards = manifest["shards"]
+        console.print(f"{len(shards)} shards, {sum(s['samples'] for s in shards)} documents, "
+                      f"{sum(s['tokens'] for s in shards)} tokens, {sum(s['bytes'] for s in shards) / 1e6:.1f} MB "
+                      f"in {report['seconds']:.1f}s")
+    for failure in report["failed_inputs"]:
+        console.print(f"[red]failed input[/red] {failure['path']}: {failure['error']}")
+
+
+def check_counts(report: dict) -> list[str]:
+    """Lines naming every step whose in != out + removed (empty when the books balance)."""
+    problems = []
+    for source, entry in report["sources"].items():
+        for step, s in entry["steps"].items():
+            if s["docs_in"] != s["docs_out"] + sum(s["removed"].values()):
+                problems.append(f"{source}/{step}: in {s['docs_in']} != out {s['docs_out']} + removed")
+    return problems

@@ -1,0 +1,149 @@
+"""Shard format (the contract the trainer reads; DESIGN.md § Shard format).
+
+    DIR/manifest.json                 written last, atomically
+    DIR/report.json                   per source and step: in, out, removed by reason, bytes, tokens, seconds
+    DIR/<source>/shard-000000.tar     webdataset tars, one sample per document
+
+A sample is two tar members sharing the key `<source>-<shard>-<index>` (6 digits each, e.g.
+`books-000000-000017`): `<key>.tokens.npy`, a 1-D uint16 array (uint32 when the vocab exceeds
+65536) saved with `np.save(allow_pickle=False)`, and `<key>.json`, `{"id", "url" or "title",
+"source", "tokens"}`. Documents carry no end-of-text token; the trainer inserts it between
+documents when it packs sequences.
+
+manifest.json:
+    {"format_version": 1,
+     "tokenizer": {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256, "vocab_sha256": "..."},
+     "sources": {"<name>": {"weight": 0.6}, ...},
+     "shards": [{"path": "books/shard-000000.tar", "source": "books", "samples": 17,
+                 "tokens": 123456, "bytes": 250000, "sha256": "..."}, ...]}
+
+Tars are written byte-for-byte deterministically (fixed mtime/owner/order) to a temp name and
+renamed when complete, so the same input and config always give the same shard sha256s."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def json_bytes(data) -> bytes:
+    return (json.dumps(data, indent=1, sort_keys=False) + "\n").encode()
+
+
+def sample_key(source: str, shard: int, index: int) -> str:
+    return f"{source}-{shard:06d}-{index:06d}"
+
+
+def npy_bytes(tokens: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, tokens, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+class ShardWriter:
+    """Writes one source's samples into `shard-NNNNNN.tar` files of about `target_bytes`."""
+
+    def __init__(self, out_dir: Path, source: str, target_bytes: int):
+        self.dir, self.source, self.target_bytes = out_dir / source, source, target_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.entries: list[dict] = []
+        self.tar = None
+
+    def add(self, meta: dict, tokens: np.ndarray) -> None:
+        if self.tar is None:
+            self._open()
+        key = sample_key(self.source, len(self.entries), self.samples)
+        record = {**meta, "source": self.source, "tokens": int(tokens.size)}
+        _add_member(self.tar, f"{key}.tokens.npy", npy_bytes(tokens))
+        _add_member(self.tar, f"{key}.json", json.dumps(record, sort_keys=True).encode())
+        self.samples += 1
+        self.tokens += int(tokens.size)
+        if self.file.tell() >= self.target_bytes:
+            self._finish()
+
+    def close(self) -> list[dict]:
+        if self.tar is not None:
+            self._finish()
+        return self.entries
+
+    def _open(self) -> None:
+        self.final = self.dir / f"shard-{len(self.entries):06d}.tar"
+        self.tmp = self.final.with_name(self.final.name + ".tmp")
+        self.file = open(self.tmp, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.samples = self.tokens = 0
+
+    def _finish(self) -> None:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.final)
+        self.entries.append({"path": f"{self.source}/{self.final.name}", "source": self.source,
+                             "samples": self.samples, "tokens": self.tokens,
+                             "bytes": self.final.stat().st_size, "sha256": sha256_file(self.final)})
+        self.tar = None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_manifest(tokenizer: dict, weights: dict[str, float], shards: list[dict]) -> dict:
+    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer,
+            "sources": {name: {"weight": w} for name, w in weights.items()}, "shards": shards}
+
+
+def iter_samples(path: Path):
+    """(key, tokens, meta) per sample; member names are checked, nothing is unpickled."""
+    with tarfile.open(path, "r") as tar:
+        pending: dict[str, dict] = {}
+        for member in tar:
+            name = member.name
+            if not member.isfile() or "/" in name or name.startswith(".") or "." not in name:
+                raise ValueError(f"{path}: unexpected tar member {name!r}")
+            key, suffix = name.split(".", 1)
+            payload = tar.extractfile(member).read()
+            sample = pending.setdefault(key, {})
+            sample[suffix] = payload
+            if {"tokens.npy", "json"} <= sample.keys():
+                del pending[key]
+                yield key, np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False), json.loads(sample["json"])
+        if pending:
+            raise ValueError(f"{path}: incomplete samples {sorted(pending)[:3]}")

@@ -1,0 +1,33 @@
+"""Text helpers shared by filters, dedup and decontamination. The word splitter separates
+punctuation from words the way spaCy's English tokenizer does for the common cases, which
+the Gopher/FineWeb rules were tuned with, at regex speed."""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+WORD_RE = re.compile(r"\.\.\.|n't\b|'(?:s|re|ve|ll|d|m)\b|\w+(?:[.,]\d+)*(?=n't\b)|\w+(?:[.,]\d+)*|[^\w\s]", re.I)
+SENTENCE_END_RE = re.compile(r"[.!?]+[\"')\]]*(?=\s+\S)")
+NORMALIZE_DROP_RE = re.compile(r"[^\w\s]")
+DIGITS_RE = re.compile(r"\d+")
+SPACES_RE = re.compile(r"\s+")
+COMBINING_MARKS_RE = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
+
+
+def split_words(text: str) -> list[str]:
+    return WORD_RE.findall(text)
+
+
+def count_sentences(line: str) -> int:
+    """Sentence ends followed by more text, plus the trailing sentence."""
+    return len(SENTENCE_END_RE.findall(line)) + (1 if line.strip() else 0)
+
+
+def normalize_for_dedup(text: str) -> str:
+    """Lowercase, strip accents and punctuation, numbers to 0, whitespace collapsed: two copies
+    of a page that differ only in these still hash the same."""
+    text = text.lower()
+    if not text.isascii():
+        text = COMBINING_MARKS_RE.sub("", unicodedata.normalize("NFKD", text))
+    text = DIGITS_RE.sub("0", NORMALIZE_DROP_RE.sub(" ", text))
+    return SPACES_RE.sub(" ", text).strip()

@@ -1,0 +1,67 @@
+"""`pretrain data verify DIR`: every shard against the manifest (sha256, bytes, sample and
+token counts, keys, token ids below the vocab size) and, optionally, the tokenizer file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data_pipeline.errors import PipelineError
+from data_pipeline.shards import FORMAT_VERSION, MANIFEST, iter_samples, sample_key, sha256_file
+from data_pipeline.tokenization import file_sha256
+
+MANIFEST_KEYS = {"format_version", "tokenizer", "sources", "shards"}
+
+
+def load_manifest(out_dir: Path) -> dict:
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        raise PipelineError(f"{path}: no manifest (is {out_dir} a finished data run?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise PipelineError(f"{path}: not valid JSON: {e}") from None
+    missing = MANIFEST_KEYS - manifest.keys()
+    if missing:
+        raise PipelineError(f"{path}: missing keys {sorted(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise PipelineError(f"{path}: format_version {manifest['format_version']}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_shard(out_dir: Path, entry: dict, vocab_size: int) -> list[str]:
+    path = out_dir / entry["path"]
+    if not path.is_file():
+        return [f"{entry['path']}: missing"]
+    problems = []
+    if path.stat().st_size != entry["bytes"]:
+        problems.append(f"{entry['path']}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+    if sha256_file(path) != entry["sha256"]:
+        problems.append(f"{entry['path']}: sha256 mismatch")
+    shard_no = int(Path(entry["path"]).stem.split("-")[-1])
+    samples = tokens = 0
+    try:
+        for key, ids, meta in iter_samples(path):
+            if key != sample_key(entry["source"], shard_no, samples):
+                problems.append(f"{entry['path']}: sample {samples} has key {key!r}")
+            if ids.ndim != 1 or ids.size != meta.get("tokens") or (ids.size and int(ids.max()) >= vocab_size):
+                problems.append(f"{entry['path']}: sample {key} has bad tokens")
+            samples, tokens = samples + 1, tokens + ids.size
+    except Exception as e:  # any decode failure is a verification failure, named by shard
+        return problems + [f"{entry['path']}: unreadable: {e}"]
+    if (samples, tokens) != (entry["samples"], entry["tokens"]):
+        problems.append(f"{entry['path']}: {samples} samples/{tokens} tokens, manifest says "
+                        f"{entry['samples']}/{entry['tokens']}")
+    return problems
+
+
+def verify(out_dir: Path, tokenizer_path: Path | None = None) -> tuple[dict, list[str]]:
+    """The manifest and a list of problems (empty when everything matches)."""
+    manifest = load_manifest(out_dir)
+    problems = []
+    if tokenizer_path is not None and file_sha256(tokenizer_path) != manifest["tokenizer"]["vocab_sha256"]:
+        problems.append(f"tokenizer: {tokenizer_path} does not match the manifest's vocab_sha256")
+    for entry in manifest["shards"]:
+        if entry["source"] not in manifest["sources"]:
+            problems.append(f"{entry['path']}: source {entry['source']!r} not in manifest sources")
+        problems.extend(verify_shard(out_dir, entry, manifest["tokenizer"]["vocab_size"]))
+    return manifest, problems

@@ -1,0 +1,95 @@
+"""The planner: the three recorded cases, the memory model's pieces, and estimate vs a measured run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cluster.cli import main
+from cluster.configio import load_model_config
+from cluster.plan import GB, Layout, estimate_memory, make_plan
+
+
+def plan_json(capsys, *args: str) -> tuple[int, dict]:
+    code = main(["plan", *args, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_gpt3_175b_on_1024_gpus_is_feasible(capsys, repo_root):
+    code, plan = plan_json(capsys, str(repo_root / "configs/model/gpt3-175b.yaml"), "--gpus", "1024",
+                           "--gpu-memory-gb", "80")
+    assert code == 0 and plan["feasible"]
+    layout = plan["layout"]
+    # 175B x 16 bytes of model states only fit when ZeRO-3 shards the weights too.
+    assert layout["zero_stage"] == 3 and layout["activation_checkpointing"]
+    assert layout["dp_size"] * layout["micro_batch_size"] * layout["gradient_accumulation_steps"] == \
+        plan["global_batch_size"]
+    assert plan["memory"]["total"] <= plan["budget_bytes"] <= 80 * GB
+    assert plan["step_time_s"] > 0 and "parallel.zero_stage=3" in plan["set"]
+
+
+def test_switch_c_on_1024_gpus_is_feasible_with_expert_parallelism(capsys, repo_root):
+    code, plan = plan_json(capsys, str(repo_root / "configs/model/switch-c-2048.yaml"), "--gpus", "1024",
+                           "--gpu-memory-gb", "80")
+    assert code == 0 and plan["feasible"]
+    layout = plan["layout"]
+    assert layout["ep_size"] > 1 and 2048 % layout["ep_size"] == 0 and 1024 % layout["ep_size"] == 0
+    assert layout["zero_stage"] < 3  # the engine refuses ZeRO-3 with experts
+    assert plan["memory"]["moe_all_to_all"] > 0
+    assert plan["memory"]["total"] <= plan["budget_bytes"]
+
+
+def test_gpt3_175b_on_8_gpus_is_infeasible_with_the_reason(capsys, repo_root):
+    code = main(["plan", str(repo_root / "configs/model/gpt3-175b.yaml"), "--gpus", "8", "--gpu-memory-gb", "80"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "INFEASIBLE" in out and "does not fit on 8 x 80 GB" in out
+    assert "model states" in out and "at least 64 GPUs" in out
+
+
+def test_a_train_config_supplies_seq_len_batch_and_precision(capsys, repo_root):
+    code, plan = plan_json(capsys, str(repo_root / "configs/train/tiny-switch-cpu.yaml"), "--gpus", "2",
+                           "--gpu-memory-gb", "16")
+    assert code == 0
+    assert (plan["seq_len"], plan["global_batch_size"], plan["precision"]) == (64, 16, "fp32")
+
+
+def test_memory_shrinks_with_each_zero_stage_and_with_checkpointing(repo_root):
+    cfg = load_model_config(repo_root / "configs/model/gpt3-1.3b.yaml")
+    totals = [estimate_memory(cfg, Layout(z, 1, 64, 1, 1, False), 2048, "bf16").total for z in range(4)]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+    plain = estimate_memory(cfg, Layout(1, 1, 64, 4, 1, False), 2048, "bf16").activations
+    ckpt = estimate_memory(cfg, Layout(1, 1, 64, 4, 1, True), 2048, "bf16").activations
+    assert ckpt < plain / 2  # the cross-entropy buffers over the vocabulary are not checkpointed
+
+
+def test_expert_parallelism_divides_expert_weights(repo_root):
+    cfg = load_model_config(repo_root / "configs/model/switch-base-128.yaml")
+    one = estimate_memory(cfg, Layout(0, 1, 64, 1, 1, False), 2048, "bf16")
+    many = estimate_memory(cfg, Layout(0, 64, 64, 1, 1, False), 2048, "bf16")
+    assert many.weights < one.weights / 4 and many.moe_all_to_all > 0 == one.moe_all_to_all
+
+
+def test_batch_is_rounded_to_the_data_parallel_size_with_a_note(repo_root):
+    cfg = load_model_config(repo_root / "configs/model/gpt3-125m.yaml")
+    plan = make_plan(cfg, 48, 80, global_batch=250)
+    assert plan.global_batch_size == 240 and any("250 -> 240" in n for n in plan.notes)
+
+
+def test_bad_arguments_are_one_line_errors(capsys, repo_root):
+    assert main(["plan", str(repo_root / "configs/model/tiny-gpt.yaml"), "--gpus", "0", "--gpu-memory-gb", "8"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_estimate_is_within_15_percent_of_measured_peak_memory_on_cpu(repo_root):
+    """Real forward/backward/AdamW steps of the tiny configs in a child process (bench/plan_accuracy.py)."""
+    out = subprocess.run([sys.executable, str(repo_root / "bench/plan_accuracy.py"), "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=repo_root)
+    results = json.loads(out.stdout)
+    assert {r["config"] for r in results} == {"configs/train/tiny-gpt-cpu.yaml", "configs/train/tiny-switch-cpu.yaml"}
+    for r in results:
+        assert abs(r["memory_ratio"] - 1) <= 0.15, r
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -1,0 +1,115 @@
+"""`pretrain report`: the HTML is self-contained and complete; in a real headless Chromium the page
+loads and every chart region of a tiny Switch run (and of its data run) has something drawn."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.report import build_report
+from tests.cluster.png import read_png
+
+CHART_BORDER = (227, 227, 227)  # .chart{border:1px solid #e3e3e3}
+
+
+def write_metrics(run_dir, steps: int = 30, moe: bool = True, torn: bool = False) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in range(1, steps + 1):
+        record = {"step": s, "tokens": 512 * s, "loss": 10 * math.exp(-s / 10) + 3, "lr": 1e-3 * min(1, s / 5),
+                  "grad_norm": 1 + 0.1 * math.sin(s), "tokens_per_s": 4000 + 100 * math.cos(s), "mfu": 0.1}
+        if moe:
+            record.update(aux_loss=1.01, z_loss=0.4, dropped_frac=0.05, moe_layers=[1],
+                          expert_load=[[0.4, 0.3, 0.2, 0.1]], dropped_frac_per_layer=[0.05])
+        lines.append(json.dumps(record))
+    if torn:
+        lines.append('{"step": 31, "lo')
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"name": "tiny-switch"}, "data": {"path": str(run_dir / "no-data")},
+         "logging": {"wandb_api_key": "sk-secret-value"}}))
+
+
+def test_run_report_is_self_contained(tmp_path, capsys):
+    write_metrics(tmp_path / "run", torn=True)
+    assert main(["report", str(tmp_path / "run")]) == 0
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "dashboard:" in capsys.readouterr().out
+    assert "<script" not in html and not re.search(r'(src|href)="(https?:)?//', html)
+    assert html.count("<svg") == 5 + 2 + 1  # training charts, MoE losses/dropped, one heatmap per MoE layer
+    assert "unparsable lines skipped" in html and "sk-secret-value" not in html
+
+
+def test_dense_run_has_no_moe_charts(tmp_path):
+    write_metrics(tmp_path / "run", moe=False)
+    html = build_report(tmp_path / "run")
+    assert html.count("<svg") == 5 and "Expert load" not in html
+
+
+def test_data_report_charts_sources_and_steps(tmp_path):
+    stats = {"docs_in": 10, "docs_out": 7, "removed": {"url:blocklist": 2, "language:fr": 1},
+             "bytes_in": 100, "bytes_out": 70, "tokens": 0, "seconds": 0.1}
+    report = {"sources": {"web": {"steps": {"read": stats, "filters": stats}},
+                          "books": {"steps": {"read": dict(stats, removed={}, docs_out=10)}}},
+              "failed_inputs": [{"source": "web", "path": "x.warc.gz", "error": "truncated gzip"}]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    html = build_report(tmp_path)
+    assert html.count("<svg") == 2 and "url:blocklist" in html and "truncated gzip" in html
+
+
+def test_a_directory_without_metrics_or_report_is_an_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "neither a run dir" in capsys.readouterr().err
+
+
+def chart_boxes(img: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) of each chart's 1px border in the screenshot."""
+    border = np.all(img[..., :3] == CHART_BORDER, axis=-1)
+    boxes = []
+    for y in np.nonzero(border.sum(axis=1) >= 500)[0]:
+        xs = np.nonzero(border[y])[0]
+        for run in np.split(xs, np.nonzero(np.diff(xs) != 1)[0] + 1):
+            if len(run) < 500:
+                continue
+            x0, x1 = run[0], run[-1]
+            y1 = y
+            while y1 + 1 < len(border) and border[y1 + 1, x0] and border[y1 + 1, x1]:
+                y1 += 1
+            if y1 - y > 100:
+                boxes.append((x0, y, x1, y1))
+    return boxes
+
+
+def drawn_pixels(img: np.ndarray, box: tuple[int, int, int, int]) -> int:
+    """Saturated pixels inside a box: lines, bars and heatmap cells (axes and text are grey)."""
+    x0, y0, x1, y1 = box
+    inner = img[y0 + 30:y1 - 30, x0 + 60:x1 - 10, :3].astype(int)
+    return int(((inner.max(axis=-1) - inner.min(axis=-1)) > 60).sum())
+
+
+@pytest.mark.slow
+def test_report_of_a_tiny_switch_run_renders_in_chromium(train_job, data_job, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium not installed: `apt-get install -y chromium` (make test installs it)")
+    assert train_job.state == "SUCCEEDED", train_job.printed[-3000:]
+    assert main(["report", str(train_job.output_dir), "--out", str(tmp_path / "report.html")]) == 0
+    html = (tmp_path / "report.html").read_text()
+    expected = 5 + 2 + html.count("Expert load, layer") + 2  # training, MoE, heatmaps, data run
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1240,4200", f"--screenshot={shot}", f"file://{tmp_path / 'report.html'}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    img = read_png(shot)
+    boxes = chart_boxes(img)
+    assert len(boxes) == expected, (len(boxes), expected)
+    blank = [b for b in boxes if drawn_pixels(img, b) < 50]
+    assert not blank, f"charts with nothing drawn at {blank}"

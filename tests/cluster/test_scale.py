@@ -1,0 +1,81 @@
+"""`pretrain scale`: every shipped config keeps its family at CPU size, and each one, scaled to cpu,
+trains 3 steps with the real trainer CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.configio import load_model_config, load_run_config
+from cluster.scale import scale_config
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted(REPO.glob("configs/model/*.yaml")) + sorted(REPO.glob("configs/train/*.yaml"))
+
+
+def family(cfg) -> tuple:
+    moe = cfg.moe
+    return (cfg.attention, cfg.pos_embedding, cfg.bias, cfg.vocab_size, round(cfg.ff_width / cfg.d_model, 1),
+            None if moe is None else (moe.every, moe.capacity_factor, moe.eval_capacity_factor, moe.jitter,
+                                      moe.aux_loss_coef, moe.z_loss_coef, moe.expert_init_scale))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("target", ["cpu", "single-gpu"])
+def test_scaled_config_keeps_the_family(path, target):
+    original = load_model_config(path)
+    scaled = scale_config(path, target)
+    assert family(scaled.model) == family(original)
+    kinds = {(scaled.model.is_moe_layer(i), i % 2 if scaled.model.attention == "alternating" else 0)
+             for i in range(scaled.model.n_layer)}
+    expected = {(original.is_moe_layer(i), i % 2 if original.attention == "alternating" else 0)
+                for i in range(original.n_layer)}
+    assert kinds == expected  # every kind of block survives (dense/banded, dense/MoE FFN)
+    assert scaled.model.n_ctx >= scaled.train.seq_len
+    if scaled.model.attention == "alternating":
+        assert scaled.model.local_window < scaled.train.seq_len  # the band still bands
+    if target == "cpu":
+        assert scaled.model.d_model <= 64 and scaled.train.precision == "fp32"
+
+
+def test_scale_writes_a_loadable_train_config(tmp_path, capsys):
+    out = tmp_path / "scaled.yaml"
+    assert main(["scale", str(REPO / "configs/model/switch-c-2048.yaml"), "--target", "cpu", "--out", str(out)]) == 0
+    run = load_run_config(out)
+    assert run.model.moe.every == 1 and run.model.moe.num_experts == 4 and run.model.name == "switch-c-2048-cpu"
+
+
+def distinct_scaled_configs(tmp_path: Path, data_dir: Path) -> dict[str, Path]:
+    """One file per distinct scaled config: the GPT-3 sizes all scale to the same tiny model, and
+    training the same config twice would test nothing more."""
+    by_content: dict[str, Path] = {}
+    for path in SHIPPED:
+        run = scale_config(path, "cpu")
+        run.data.path = str(data_dir)
+        run.train.max_steps = 3
+        run.logging.wandb_mode = "disabled"
+        text = yaml.safe_dump(run.model_dump(mode="json", exclude={"model": {"name"}}), sort_keys=True)
+        if text not in by_content:
+            target = tmp_path / f"{path.stem}-cpu.yaml"
+            target.write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
+            by_content[text] = target
+    return {p.stem: p for p in by_content.values()}
+
+
+@pytest.mark.slow
+def test_every_shipped_config_scaled_to_cpu_trains_3_steps(data_job, tmp_path):
+    assert data_job.state == "SUCCEEDED", data_job.printed[-3000:]
+    configs = distinct_scaled_configs(tmp_path, data_job.output_dir)
+    assert {"gpt3-175b-cpu", "switch-c-2048-cpu", "switch-base-8-cpu"} <= set(configs)
+    for name, config in configs.items():
+        run_dir = tmp_path / "runs" / name
+        done = subprocess.run([sys.executable, "-m", "cluster.cli", "train", str(config), "--run-dir", str(run_dir)],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert done.returncode == 0, f"{name}:\n{done.stderr[-3000:]}"
+        steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert steps[-1] == 3, name

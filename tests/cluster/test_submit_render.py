@@ -1,0 +1,151 @@
+"""SLURM script, KubeRay manifest and DeepSpeed hostfile launch: generated for a 2-node x 8-GPU
+layout, parsed back and checked field by field; hostile paths stay single arguments."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.errors import ClusterError
+from cluster.submit import hostfile
+
+HOSTILE = 'a b;touch INJECTED;$(touch INJECTED2)`touch INJECTED3`"\'x'
+
+
+@pytest.fixture
+def hostile_config(tmp_path, repo_root) -> Path:
+    """A copy of the tiny GPT train config under a directory name built to break naive quoting."""
+    folder = tmp_path / HOSTILE
+    folder.mkdir()
+    text = (repo_root / "configs/train/tiny-gpt-cpu.yaml").read_text()
+    path = folder / "train.yaml"
+    path.write_text(text.replace("../model/tiny-gpt.yaml", str(repo_root / "configs/model/tiny-gpt.yaml")))
+    return path
+
+
+def dry_run(capsys, *args: str) -> str:
+    assert main(["submit", *args, "--dry-run"]) == 0
+    return capsys.readouterr().out
+
+
+def test_sbatch_script_for_2_nodes_x_8_gpus(capsys, hostile_config, tmp_path):
+    run_dir = tmp_path / f"run {HOSTILE}"
+    script = dry_run(capsys, str(hostile_config), "--backend", "slurm", "--nodes", "2", "--gpus-per-node", "8",
+                     "--run-dir", str(run_dir), "--name", "t1", "--set", "train.lr=1e-3")
+    (tmp_path / "job.sbatch").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+    directives = dict(shlex.split(line[len("#SBATCH "):])[0].lstrip("-").split("=", 1)
+                      for line in script.splitlines() if line.startswith("#SBATCH") and "=" in line)
+    assert directives["nodes"] == "2" and directives["ntasks-per-node"] == "8"
+    assert directives["gpus-per-node"] == "8" and directives["job-name"] == "t1"
+    assert directives["output"] == f"{run_dir}/slurm-%j.out"
+    assert "#SBATCH --requeue" in script and "scontrol requeue" in script
+    assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
+
+
+def test_sbatch_script_runs_each_rank_with_the_exact_arguments(capsys, hostile_config, tmp_path):
+    """Execute the script with stand-ins for srun/scontrol and the interpreter: the rank must get the
+    hostile path as one argument, rank variables from SLURM's, and no command may have run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nshift\nSLURM_PROCID=1 SLURM_LOCALID=1 exec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node-a\necho node-b\n")
+    recorder = bin_dir / "python"
+    record = tmp_path / "argv.txt"
+    recorder.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {shlex.quote(str(record))}\n'
+                        f'echo "$RANK $LOCAL_RANK $WORLD_SIZE $MASTER_ADDR $MASTER_PORT" >> {shlex.quote(str(record))}\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    run_dir = tmp_path / f"run {HOSTILE}"
+    script = dry_run(capsys, str(hostile_config), "--backend", "slurm", "--nodes", "2", "--gpus-per-node", "8",
+                     "--run-dir", str(run_dir), "--set", "cluster.python=" + str(recorder))
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-[a-b]",
+               SLURM_JOB_ID="1234", SLURM_NTASKS="16", SLURM_NTASKS_PER_NODE="8", SLURM_NNODES="2")
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = record.read_text().splitlines()
+    assert lines[:5] == ["-m", "cluster.cli", "train", str(hostile_config), "--run-dir"]
+    assert lines[5] == str(run_dir) and run_dir.is_dir()
+    assert lines[-1] == "1 1 16 node-a 21234"
+    assert not list(tmp_path.rglob("INJECTED*"))
+
+
+def test_sbatch_refuses_a_newline_in_a_directive(capsys, hostile_config, tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text('backend: slurm\npartition: "gpu\\n#SBATCH --uid=0"\n')
+    assert main(["submit", str(hostile_config), "--cluster", str(cluster), "--dry-run"]) == 2
+    assert "must not contain a line break" in capsys.readouterr().err
+
+
+def test_rayjob_manifest_for_2_nodes_x_8_gpus(capsys, hostile_config):
+    text = dry_run(capsys, str(hostile_config), "--backend", "k8s", "--nodes", "2", "--gpus-per-node", "8",
+                   "--name", "Big_Run.1", "--set", "train.lr=1e-3")
+    job = yaml.safe_load(text)
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["metadata"]["name"] == "big-run-1" and job["metadata"]["namespace"] == "default"
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    entry = shlex.split(spec["entrypoint"])
+    assert entry[:4] == ["python", "-m", "cluster.submit.ray_launcher", "train"]
+    assert entry[entry.index("--nodes") + 1] == "2" and entry[entry.index("--gpus-per-node") + 1] == "8"
+    config = yaml.safe_load(yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["PRETRAIN_CONFIG_YAML"])
+    assert config["train"]["lr"] == 1e-3 and config["model"]["name"] == "tiny-gpt"
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2
+    (container,) = workers["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "wandb"
+    assert "WANDB_API_KEY=" not in text
+
+
+def test_hostfile_launch_command(capsys, hostile_config, tmp_path):
+    out = dry_run(capsys, str(hostile_config), "--backend", "ssh", "--hosts", "node-a,node-b", "--gpus-per-node",
+                  "8", "--run-dir", str(tmp_path / "run"))
+    hosts_text, command = out.split("\n", 1)[1].rsplit("node-b slots=8\n", 1)
+    assert hosts_text == "node-a slots=8\n"
+    argv = shlex.split(command)
+    assert argv[1:3] == ["-m", "deepspeed.launcher.runner"] and "--no_local_rank" in argv
+    assert argv[argv.index("--master_addr") + 1] == "node-a"
+    assert argv[argv.index("--module") + 1:argv.index("--module") + 4] == ["cluster.cli", "train", str(hostile_config)]
+
+
+def test_hostfile_parsing_rejects_garbage():
+    assert hostfile.parse_hostfile("# cluster\nnode-1 slots=8\n\nnode-2 slots=4  # half\n") == [("node-1", 8), ("node-2", 4)]
+    with pytest.raises(ClusterError, match=r"hosts:2: expected `HOST slots=N`"):
+        hostfile.parse_hostfile("a slots=1\nb;rm slots=2\n", "hosts")
+
+
+def test_data_configs_only_run_on_ray(capsys, repo_root):
+    assert main(["submit", str(repo_root / "configs/data/sample.yaml"), "--backend", "slurm", "--dry-run"]) == 2
+    assert "data-pipeline jobs run on Ray" in capsys.readouterr().err
+
+
+def test_no_backend_is_an_error(capsys, hostile_config):
+    assert main(["submit", str(hostile_config), "--dry-run"]) == 2
+    assert "no backend" in capsys.readouterr().err
+
+
+def test_plan_flag_puts_the_planned_layout_into_the_job(capsys, hostile_config, tmp_path, repo_root):
+    script = dry_run(capsys, str(hostile_config), "--cluster", str(repo_root / "configs/cluster/slurm-2x8.yaml"),
+                     "--plan")
+    assert "--set parallel.zero_stage=0" in script and "--set train.global_batch_size=16" in script
+    tiny_gpus = tmp_path / "tiny-gpus.yaml"
+    tiny_gpus.write_text("backend: slurm\nnodes: 1\ngpus_per_node: 2\ngpu_memory_gb: 0.01\n")
+    assert main(["submit", str(hostile_config), "--cluster", str(tiny_gpus), "--plan", "--dry-run"]) == 2
+    assert "does not fit on 2 x 0.01 GB GPUs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].glob("configs/cluster/*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_cluster_configs_validate(path):
+    from cluster.configio import load_config
+    from trainer.config import ClusterConfig
+
+    assert load_config(path, ClusterConfig).backend in {"ray", "slurm", "k8s", "ssh"}

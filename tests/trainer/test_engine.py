@@ -1,0 +1,67 @@
+import pytest
+import torch
+import yaml
+
+from tests.trainer.conftest import free_port, make_run, read_metrics, run_training, train_in_process
+from trainer.config import ModelConfig
+from trainer.engine import param_groups
+from trainer.errors import TrainError
+
+
+def test_param_groups_decay_matrices_only_and_isolate_experts(repo_root):
+    from trainer.model.gpt import GPT
+
+    cfg = ModelConfig(**yaml.safe_load((repo_root / "configs/model/tiny-switch.yaml").read_text()))
+    model = GPT(cfg)
+    groups = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = {(g["name"], g.get("moe", False)): [names[id(p)] for p in g["params"]] for g in groups}
+    dense_decay = by_group[("decay", False)]
+    assert all(n.endswith("weight") and "ln" not in n and "wte" not in n and "wpe" not in n for n in dense_decay)
+    no_decay = by_group[("no_decay", False)]
+    assert "transformer.wte.weight" in no_decay and any(n.endswith("bias") for n in no_decay)
+    experts = [n for (name, moe), ns in by_group.items() if moe for n in ns]
+    assert experts and all(n.rsplit(".", 1)[-1] in ("w_fc", "b_fc", "w_proj", "b_proj") for n in experts)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_tiny_gpt_loss_falls_by_a_clear_margin(tmp_path, shard_dir):
+    run = make_run(tmp_path / "run", shard_dir, train={"max_steps": 100, "seq_len": 32, "micro_batch_size": 4,
+                                                       "global_batch_size": 4, "lr": 3e-3, "warmup_tokens": 1280})
+    assert train_in_process(run) == 0
+    m = read_metrics(run)
+    first = m[1]["loss"]
+    last = sum(m[s]["loss"] for s in range(91, 101)) / 10
+    assert first > 10.5  # ln(50257) = 10.8: an untrained model
+    assert last < first - 2.5, (first, last)  # ~12.8k tokens: about the unigram entropy of this text
+
+
+def test_zero3_with_experts_is_refused_with_a_reason(tmp_path, shard_dir):
+    run = make_run(tmp_path / "run", shard_dir, model="tiny-switch", parallel={"zero_stage": 3})
+    with pytest.raises(TrainError, match="ZeRO-3 with a MoE model is not supported"):
+        train_in_process(run)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("model,zero,ep", [("tiny-gpt", 1, 1), ("tiny-gpt", 2, 1), ("tiny-gpt", 3, 1),
+                                           ("tiny-switch", 1, 2)])
+def test_two_processes_train_and_checkpoint(tmp_path, shard_dir, model, zero, ep):
+    """Loss falls, MoE statistics are logged, and the final checkpoint holds every expert."""
+    run = make_run(tmp_path / "run", shard_dir, model=model, parallel={"zero_stage": zero, "ep_size": ep},
+                   train={"max_steps": 12, "global_batch_size": 8}, checkpoint={"interval": 6})
+    run_training(run, nproc=2, port=free_port())
+    m = read_metrics(run)
+    assert m[12]["loss"] < m[1]["loss"] - 1.0
+    assert all(m[s]["grad_norm"] is not None for s in (1, 12))
+    step = run / "checkpoints" / "step-12"
+    assert (step / "COMPLETE").is_file() and (run / "checkpoints" / "latest").read_text() == "step-12"
+    if model == "tiny-switch":
+        assert {"aux_loss", "z_loss", "dropped_frac", "expert_load"} <= set(m[12])
+        assert len(m[12]["expert_load"]) == 1 and len(m[12]["expert_load"][0]) == 4
+        assert sorted(p.name for p in step.glob("model-ep*.pt")) == ["model-ep0.pt", "model-ep1.pt"]
+        shards = [torch.load(step / f"model-ep{e}.pt", weights_only=True) for e in (0, 1)]
+        w = "transformer.h.1.mlp.w_fc"
+        assert shards[0][w].shape[0] == 2 and not torch.equal(shards[0][w], shards[1][w])  # different experts
+        assert torch.equal(shards[0]["transformer.h.0.attn.c_attn.weight"],
+                           shards[1]["transformer.h.0.attn.c_attn.weight"])  # dense weights replicated

@@ -1,0 +1,143 @@
+"""Per-step metrics: RUN/metrics.jsonl (keys in DESIGN.md), wandb (offline unless configured), and a
+one-line progress display. Only rank 0 writes; every key is a plain number or list of numbers.
+
+MFU = model FLOPs per token (`trainer.model.counting.flops_per_token`, the `pretrain model info`
+figure) x tokens/s / the device's peak. GPUs use their datasheet peak for the training precision;
+a CPU has no datasheet figure we can trust, so its peak is measured with a large matmul at start-up
+and the log says so.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+import torch
+
+from trainer.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+# Dense (no sparsity) tensor-core peaks, FLOP/s, by precision.
+GPU_PEAKS = {"H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+             "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+             "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}}
+SECRET_ENV = ("WANDB_API_KEY",)
+
+
+def measure_cpu_peak(seconds: float = 0.5, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of an n x n matmul over a short loop: an achievable peak for this CPU and thread count."""
+    g = torch.Generator().manual_seed(0)  # leaves the training RNG alone: resume must stay exact
+    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
+    a @ b  # warm-up (thread pool, caches)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def device_peak(precision: str) -> tuple[float, str]:
+    """(FLOP/s, where the figure comes from)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peaks in GPU_PEAKS.items():
+            if key in name:
+                return peaks[precision], f"{name} datasheet {precision} peak"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    peak = measure_cpu_peak(dtype=dtype if not torch.cuda.is_available() else torch.float32)
+    return peak, f"measured by a {precision} matmul at start-up ({torch.get_num_threads()} threads)"
+
+
+def moe_fields(layers: list[int], counts: torch.Tensor, dropped: torch.Tensor, aux_loss: float, z_loss: float) -> dict:
+    """Per MoE layer: expert load (fraction of routed tokens per expert, from counts[layer, expert])
+    and the fraction of tokens dropped for being over capacity."""
+    loads = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    dropped_list = [round(float(x), 5) for x in dropped]
+    return {"aux_loss": aux_loss, "z_loss": z_loss, "dropped_frac": sum(dropped_list) / len(dropped_list),
+            "dropped_frac_per_layer": dropped_list, "moe_layers": [int(x) for x in layers],
+            "expert_load": [[round(float(x), 4) for x in row] for row in loads]}
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg: RunConfig, flops_per_token: float, enabled: bool, resumed: bool):
+        self.enabled = enabled
+        self.flops_per_token = flops_per_token
+        self.peak, self.peak_source = device_peak(cfg.train.precision)
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        log.info("MFU peak: %.1f GFLOP/s, %s", self.peak / 1e9, self.peak_source)
+        self.file = open(self.path, "a")
+        self.wandb = self._start_wandb(run_dir, cfg, resumed)
+
+    def _start_wandb(self, run_dir: Path, cfg: RunConfig, resumed: bool):
+        lc = cfg.logging
+        # An explicit `disabled` in the config wins; otherwise the user's WANDB_MODE does.
+        mode = "disabled" if lc.wandb_mode == "disabled" else os.environ.get("WANDB_MODE", lc.wandb_mode)
+        if mode == "disabled":
+            return None
+        import wandb
+
+        # The config we log is the run config: it never holds the API key (wandb reads that from its own env).
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", lc.wandb_project),
+                          entity=os.environ.get("WANDB_ENTITY", lc.wandb_entity), name=lc.run_name or run_dir.name,
+                          dir=str(run_dir), mode=mode, config=cfg.model_dump(mode="json"),
+                          resume="allow" if resumed else None, id=_wandb_id(run_dir))
+
+    def log(self, record: dict, step_seconds: float, step_tokens: int) -> dict:
+        tps = step_tokens / step_seconds if step_seconds > 0 else 0.0
+        record = {**record, "tokens_per_s": round(tps, 1),
+                  "mfu": round(tps * self.flops_per_token / self.peak, 5) if self.peak else None}
+        if self.enabled:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=record["step"])
+        return record
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """Stable per run dir, so a resumed run continues the same wandb run."""
+    path = run_dir / "wandb" / "run-id"
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = f"{run_dir.name[:40]}-{os.urandom(4).hex()}"
+    path.write_text(run_id)
+    return run_id
+
+
+def progress_line(r: dict, max_steps: int) -> str:
+    parts = [f"step {r['step']}/{max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
+             f"gnorm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "gnorm -",
+             f"{r['tokens_per_s']:,.0f} tok/s", f"mfu {100 * r['mfu']:.2f}%" if r.get("mfu") is not None else ""]
+    if "aux_loss" in r:
+        parts.append(f"aux {r['aux_loss']:.3f} z {r['z_loss']:.3f} drop {100 * r['dropped_frac']:.1f}%")
+    if r.get("skipped_steps"):
+        parts.append(f"skipped {r['skipped_steps']}")
+    return "  ".join(p for p in parts if p)
+
+
+def scrub_secrets(text: str) -> str:
+    """Used on anything echoed from the environment: never print an API key."""
+    for name in SECRET_ENV:
+        secret = os.environ.get(name)
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def flops_for(cfg: RunConfig) -> float:
+    from trainer.model.counting import flops_per_token
+
+    return flops_per_token(cfg.model, cfg.train.seq_len)

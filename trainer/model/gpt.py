@@ -1,0 +1,146 @@
+"""GPT-2/3 decoder (Radford et al. 2019, Brown et al. 2020), optionally with Switch MoE FFNs.
+
+Token embedding + learned (or sinusoidal) positions, pre-LayerNorm blocks, a final
+LayerNorm and an LM head tied to the token embedding. GPT-3's alternating attention
+(`attention: alternating`) makes the odd layers locally banded. MoE configs replace every
+`moe.every`-th FFN with a top-1 Switch layer. Written for one device: the engine applies
+ZeRO; expert parallelism only needs the process group passed in.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import ModelConfig
+from trainer.model.attention import CausalSelfAttention
+from trainer.model.moe import MoEStats, SwitchFFN
+
+
+@dataclass
+class GPTOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: Optional[torch.Tensor]  # ce + aux_loss_coef * aux_loss + z_loss_coef * z_loss (ce alone for dense)
+    ce_loss: Optional[torch.Tensor]
+    aux_loss: torch.Tensor  # mean over MoE layers of the load-balancing loss, unscaled (0 for dense)
+    z_loss: torch.Tensor  # mean over MoE layers of the router z-loss, unscaled (0 for dense)
+    moe: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in layer order
+
+
+def sinusoidal_positions(n_ctx: int, d_model: int) -> torch.Tensor:
+    """(n_ctx, d_model) table of Vaswani et al. 2017: sin on even, cos on odd channels."""
+    position = torch.arange(n_ctx, dtype=torch.float32).unsqueeze(1)
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(n_ctx, d_model)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
+    return table
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.ff_width, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.ff_width, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # tanh GELU is GPT-2's "gelu_new": keeps Hugging Face GPT-2 checkpoints bit-compatible.
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, ep_group: Optional[dist.ProcessGroup]):
+        super().__init__()
+        banded = cfg.attention == "alternating" and layer % 2 == 1
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, window=cfg.local_window if banded else None)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.is_moe = cfg.is_moe_layer(layer)
+        if self.is_moe:
+            self.mlp = SwitchFFN(cfg.d_model, cfg.expert_ff_width, cfg.moe, ep_group, layer=layer, bias=cfg.bias,
+                                 init_std=cfg.init_std, out_init_std=residual_init_std(cfg))
+        else:
+            self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[MoEStats]]:
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        h, stats = self.mlp(self.ln_2(x)) if self.is_moe else (self.mlp(self.ln_2(x)), None)
+        return x + self.drop(h), stats
+
+
+def residual_init_std(cfg: ModelConfig) -> float:
+    """GPT-2: projections into the residual stream are scaled by 1/sqrt(2 * n_layer)."""
+    return cfg.init_std / math.sqrt(2 * cfg.n_layer)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep_group: Optional[dist.ProcessGroup] = None):
+        super().__init__()
+        self.cfg = cfg
+        embeddings = dict(wte=nn.Embedding(cfg.vocab_size, cfg.d_model))
+        if cfg.pos_embedding == "learned":
+            embeddings["wpe"] = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        else:  # fixed table: a non-persistent buffer, so no parameters and nothing in checkpoints
+            self.register_buffer("pos_table", sinusoidal_positions(cfg.n_ctx, cfg.d_model), persistent=False)
+        self.transformer = nn.ModuleDict(dict(
+            **embeddings,
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg, i, ep_group) for i in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=residual_init_std(cfg))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, SwitchFFN):  # children come first in apply(), so this overrides its router init
+            module.reset_parameters()
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (the tied head counts once); non_embedding leaves out token and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+        return n
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        if T > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {T} exceeds the position table n_ctx={self.cfg.n_ctx}")
+        pos = torch.arange(T, device=idx.device)
+        pos_emb = self.transformer.wpe(pos) if "wpe" in self.transformer else self.pos_table[:T]
+        return self.transformer.drop(self.transformer.wte(idx) + pos_emb)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> GPTOutput:
+        x = self.embed(idx)
+        moe_stats = []
+        for block in self.transformer.h:
+            x, stats = block(x)
+            if stats is not None:
+                moe_stats.append(stats)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux_loss = torch.stack([s.aux_loss for s in moe_stats]).mean() if moe_stats else zero
+        z_loss = torch.stack([s.z_loss for s in moe_stats]).mean() if moe_stats else zero
+        loss = ce_loss = None
+        if targets is not None:
+            # Cross-entropy in float32 even under bf16 autocast; -1 marks positions without a target.
+            ce_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+            loss = ce_loss
+            if moe_stats:
+                loss = ce_loss + self.cfg.moe.aux_loss_coef * aux_loss + self.cfg.moe.z_loss_coef * z_loss
+        return GPTOutput(logits=logits, loss=loss, ce_loss=ce_loss, aux_loss=aux_loss, z_loss=z_loss, moe=moe_stats)
