@@ -75,7 +75,8 @@ def _torch_step(run, device: str, accum: int):
                                   weight_decay=t.weight_decay)
 
     def step(x, y, last: bool) -> None:
-        (model(x, y).loss / accum).backward()
+        out = model(x, y)  # held through backward, as the trainer holds it for the MoE statistics
+        (out.loss / accum).backward()
         if last:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -91,7 +92,8 @@ def _deepspeed_step(run, accum: int):
     engine = build_engine(run, build_model(run, 0, expert_parallel_group(1)), 1, accum)
 
     def step(x, y, last: bool) -> None:
-        engine.backward(engine(x, y).loss)
+        out = engine(x, y)  # held through backward, as trainer/main.py does
+        engine.backward(out.loss)
         engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary itself
     return step
 

@@ -89,10 +89,11 @@ def wait(address: str | None, job_id: str, timeout_s: float | None = None, poll_
         time.sleep(poll_s)
 
 
-def follow(address: str | None, job_id: str, out=sys.stdout) -> str:
-    """Streams the job's logs until it ends; returns its final status."""
+def follow(address: str | None, job_id: str, out=None) -> str:
+    """Streams the job's logs (to stdout by default) until it ends; returns its final status."""
     import asyncio
 
+    out = out or sys.stdout
     c = client(address)
 
     async def tail() -> None:

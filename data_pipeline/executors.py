@@ -48,7 +48,10 @@ class RayExecutor:
         self.ray, self.max_retries, self.show_progress = ray, max_retries, show_progress
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
-            kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+            # "local" starts a fresh Ray even when the machine has another one (or a stale
+            # ray_current_cluster file) that a bare ray.init() would try to join.
+            kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus,
+                                                            "include_dashboard": False}
             ray.init(log_to_driver=False, configure_logging=False, **kwargs)
 
     def map(self, fn: Callable, items: Sequence, *args, desc: str = "") -> list:

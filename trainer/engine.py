@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 from typing import Optional
 
 import deepspeed
@@ -29,12 +30,30 @@ from trainer.config import RunConfig
 from trainer.errors import TrainError
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed() -> None:
     """gloo on CPU, NCCL on GPU (DeepSpeed's accelerator picks); works without a launcher as rank 0 of 1."""
-    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
-        os.environ.setdefault(key, default)
+    if "WORLD_SIZE" not in os.environ:  # no launcher: a world of one on a port nobody else holds
+        for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, default)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def shutdown_distributed() -> None:
+    """Tear down so the same process can train again (tests, notebooks): DeepSpeed caches process
+    groups in module globals that would otherwise point at the destroyed ones."""
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        getattr(groups, name).clear()
+    groups._WORLD_GROUP = groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def expert_parallel_group(ep_size: int) -> Optional[dist.ProcessGroup]:

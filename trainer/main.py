@@ -22,7 +22,7 @@ import yaml
 from trainer import checkpoint
 from trainer.config import RunConfig
 from trainer.data import TrainLoader, load_manifest
-from trainer.engine import build_engine, check_parallel, expert_parallel_group, init_distributed
+from trainer.engine import build_engine, check_parallel, expert_parallel_group, init_distributed, shutdown_distributed
 from trainer.errors import TrainError
 from trainer.metrics import MetricsLogger, flops_for, moe_fields, progress_line
 from trainer.schedule import accumulation_at, lr_at
@@ -267,8 +267,7 @@ def train(run_dir: Path) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -110,7 +110,8 @@ def _submit_ssh(job, args) -> int:
     hosts = hostfile.hosts_for(job, args.hosts)
     if args.dry_run:
         print(f"# {Path(job.output_dir) / 'hostfile'}\n{hostfile.hostfile_text(hosts)}", end="")
-        print(shlex.join(hostfile.command(job, Path(job.output_dir) / "hostfile", hosts)))
+        for command in hostfile.commands(job, Path(job.output_dir) / "hostfile", hosts):
+            print(shlex.join(command))
         return 0
     return hostfile.launch(job, hosts)
 

@@ -38,11 +38,18 @@ class Job:
         return sys.executable if shared_filesystem else "python"
 
 
-def pretrain_args(kind: JobKind, config_path: str, output_dir: str, overrides: list[str] = ()) -> list[str]:
-    """Arguments after `python -m cluster.cli` that run one rank of a training job, or a data job's driver."""
-    if kind == "data":
-        return ["data", "run", config_path, "--out", output_dir]
-    args = ["train", config_path, "--run-dir", output_dir]
-    for text in overrides:
-        args += ["--set", text]
-    return args
+def prepare_command(job: Job, python: str) -> list[str]:
+    """Run once before the ranks: validates the config for the job's world size and writes RUN/config.yaml."""
+    cmd = [python, "-m", "cluster.submit.prepare", str(job.config_path), job.output_dir, "--world", str(job.world_size)]
+    for text in job.overrides:
+        cmd += ["--set", text]
+    return cmd
+
+
+def rank_command(python: str, run_dir: str) -> list[str]:
+    """One training rank; its rank and world come from the torch.distributed environment variables."""
+    return [python, "-m", "trainer.main", run_dir]
+
+
+def data_command(python: str, config_path: str, output_dir: str) -> list[str]:
+    return [python, "-m", "cluster.cli", "data", "run", config_path, "--out", output_dir]

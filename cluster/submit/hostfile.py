@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from cluster.errors import ClusterError
-from cluster.submit import Job, pretrain_args
+from cluster.submit import Job, prepare_command, rank_command
 
 MASTER_PORT = 29500
 _LINE = re.compile(r"^([A-Za-z0-9_.:\-]+)\s+slots=(\d+)$")
@@ -50,11 +50,16 @@ def hosts_for(job: Job, hosts_arg: str | None) -> list[tuple[str, int]]:
     raise ClusterError("backend ssh needs hosts: --hosts host1,host2 or cluster.hostfile")
 
 
-def command(job: Job, hostfile: Path, hosts: list[tuple[str, int]]) -> list[str]:
-    return [job.python(shared_filesystem=True), "-m", "deepspeed.launcher.runner",
-            "--hostfile", str(hostfile), "--master_addr", hosts[0][0], "--master_port", str(MASTER_PORT),
-            "--no_local_rank", "--module", "cluster.cli",
-            *pretrain_args("train", str(job.config_path), job.output_dir, job.overrides)]
+def commands(job: Job, hostfile: Path, hosts: list[tuple[str, int]]) -> list[list[str]]:
+    """Prepare the run dir for all the hosts' slots, then the DeepSpeed launcher over the hosts."""
+    python = job.python(shared_filesystem=True)
+    world = sum(slots for _, slots in hosts)
+    prepare = prepare_command(job, python)
+    prepare[prepare.index("--world") + 1] = str(world)
+    launcher = [python, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                "--master_addr", hosts[0][0], "--master_port", str(MASTER_PORT), "--no_local_rank",
+                "--module", *rank_command(python, job.output_dir)[2:]]
+    return [prepare, launcher]
 
 
 def launch(job: Job, hosts: list[tuple[str, int]]) -> int:
@@ -63,7 +68,8 @@ def launch(job: Job, hosts: list[tuple[str, int]]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     hostfile = run_dir / "hostfile"
     hostfile.write_text(hostfile_text(hosts))
+    prepare, launcher = commands(job, hostfile, hosts)
     try:
-        return subprocess.call(command(job, hostfile, hosts))
+        return subprocess.call(prepare) or subprocess.call(launcher)
     except FileNotFoundError as e:
         raise ClusterError(f"cannot start the DeepSpeed launcher: {e}") from None

@@ -27,7 +27,8 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.submit import pretrain_args
+from cluster.submit import data_command, rank_command
+from cluster.submit.prepare import prepare
 from cluster.submit.ray_jobs import CONFIG_ENV
 
 _PR_SET_PDEATHSIG = 1
@@ -54,20 +55,16 @@ class NodeLauncher:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def run(self, config_text: str, out: str, node_rank: int, nodes: int, procs: int, master: tuple[str, int]) -> list[int]:
+    def run(self, run_dir: str, node_rank: int, nodes: int, procs: int, master: tuple[str, int]) -> list[int]:
         """Starts this node's ranks and waits; a failing rank stops its siblings."""
-        config = write_config(config_text)
         base = dict(os.environ, MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
                     WORLD_SIZE=str(nodes * procs), LOCAL_WORLD_SIZE=str(procs), NODE_RANK=str(node_rank))
         ranks = []
         for local in range(procs):
             env = dict(base, RANK=str(node_rank * procs + local), LOCAL_RANK=str(local))
-            cmd = [sys.executable, "-m", "cluster.cli", *pretrain_args("train", config, out)]
-            ranks.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
-        try:
-            return _wait_all(ranks)
-        finally:
-            os.unlink(config)
+            ranks.append(subprocess.Popen(rank_command(sys.executable, run_dir), env=env,
+                                          preexec_fn=_die_with_parent))
+        return _wait_all(ranks)
 
 
 def _wait_all(ranks: list[subprocess.Popen]) -> list[int]:
@@ -81,7 +78,13 @@ def _wait_all(ranks: list[subprocess.Popen]) -> list[int]:
 
 
 def train(config_text: str, out: str, nodes: int, gpus_per_node: int) -> int:
+    """The run dir must be on a filesystem every node sees (checkpoints are written by all ranks)."""
     procs = max(gpus_per_node, 1)
+    config = write_config(config_text)
+    try:
+        prepare(config, out, nodes * procs)
+    finally:
+        os.unlink(config)
     bundle = {"CPU": procs, "GPU": gpus_per_node} if gpus_per_node else {"CPU": procs}
     # SPREAD puts one launcher per node when bundles fill nodes, and still runs when a small
     # cluster (or a test) has to place several on one node.
@@ -93,7 +96,7 @@ def train(config_text: str, out: str, nodes: int, gpus_per_node: int) -> int:
     ).remote() for i in range(nodes)]
     master = ray.get(launchers[0].address.remote())
     print(f"launching {nodes} node(s) x {procs} rank(s), rendezvous {master[0]}:{master[1]}", flush=True)
-    codes = ray.get([a.run.remote(config_text, out, i, nodes, procs, master) for i, a in enumerate(launchers)])
+    codes = ray.get([a.run.remote(out, i, nodes, procs, master) for i, a in enumerate(launchers)])
     print(f"rank exit codes by node: {codes}", flush=True)
     return 0 if all(c == 0 for node in codes for c in node) else 1
 
@@ -101,7 +104,7 @@ def train(config_text: str, out: str, nodes: int, gpus_per_node: int) -> int:
 def data(config_text: str, out: str) -> int:
     config = write_config(config_text)
     try:
-        return subprocess.call([sys.executable, "-m", "cluster.cli", *pretrain_args("data", config, out)])
+        return subprocess.call(data_command(sys.executable, config, out))
     finally:
         os.unlink(config)
 
@@ -119,8 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.kind == "data":
         return data(config_text, args.out)
+    from cluster.cli import user_errors
+
     ray.init()
-    return train(config_text, args.out, args.nodes, args.gpus_per_node)
+    try:
+        return train(config_text, args.out, args.nodes, args.gpus_per_node)
+    except user_errors() as e:  # e.g. a batch that does not divide over this job's ranks
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import shlex
 import subprocess
 
 from cluster.errors import ClusterError
-from cluster.submit import Job, pretrain_args
+from cluster.submit import Job, prepare_command, rank_command
 
 # Seconds before the time limit at which SLURM signals the batch shell, leaving time for a checkpoint.
 GRACE_SECONDS = 300
@@ -54,12 +54,13 @@ def _directives(job: Job) -> list[str]:
 
 def render(job: Job) -> str:
     """The sbatch script text."""
-    command = [job.python(shared_filesystem=True), "-m", "cluster.cli",
-               *pretrain_args("train", str(job.config_path), job.output_dir, job.overrides)]
+    python = job.python(shared_filesystem=True)
     body = f"""\
 set -euo pipefail
 RUN_DIR={shlex.quote(job.output_dir)}
 mkdir -p "$RUN_DIR"
+# Once, before the ranks: validate the config for $SLURM_NTASKS ranks and write $RUN_DIR/config.yaml.
+{shlex.join(prepare_command(job, python))}
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
 echo "job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}: $SLURM_NNODES nodes, rendezvous $MASTER_ADDR:$MASTER_PORT"
@@ -74,7 +75,7 @@ requeue() {{
 trap requeue USR1
 
 # srun runs in the background so the shell can take USR1 while the ranks train.
-srun --kill-on-bad-exit=1 bash -c {shlex.quote(RANK_WRAPPER)} rank {shlex.join(command)} &
+srun --kill-on-bad-exit=1 bash -c {shlex.quote(RANK_WRAPPER)} rank {shlex.join(rank_command(python, job.output_dir))} &
 SRUN_PID=$!
 status=0
 wait "$SRUN_PID" || status=$?

@@ -64,7 +64,7 @@ def _ranks(run_dir: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if "cluster.cli" in cmd and "train" in cmd and run_dir in cmd:
+        if "trainer.main" in cmd and run_dir in cmd:
             found.append(proc)
     return found
 

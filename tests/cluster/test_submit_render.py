@@ -57,8 +57,8 @@ def test_sbatch_script_runs_each_rank_with_the_exact_arguments(capsys, hostile_c
     (bin_dir / "scontrol").write_text("#!/bin/bash\necho node-a\necho node-b\n")
     recorder = bin_dir / "python"
     record = tmp_path / "argv.txt"
-    recorder.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {shlex.quote(str(record))}\n'
-                        f'echo "$RANK $LOCAL_RANK $WORLD_SIZE $MASTER_ADDR $MASTER_PORT" >> {shlex.quote(str(record))}\n')
+    recorder.write_text(f'#!/bin/bash\n{{ printf "%s\\n" "$@"; echo "env $RANK $LOCAL_RANK $WORLD_SIZE $MASTER_ADDR '
+                        f'$MASTER_PORT"; echo ---; }} >> {shlex.quote(str(record))}\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     run_dir = tmp_path / f"run {HOSTILE}"
@@ -68,11 +68,11 @@ def test_sbatch_script_runs_each_rank_with_the_exact_arguments(capsys, hostile_c
                SLURM_JOB_ID="1234", SLURM_NTASKS="16", SLURM_NTASKS_PER_NODE="8", SLURM_NNODES="2")
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    lines = record.read_text().splitlines()
-    assert lines[:5] == ["-m", "cluster.cli", "train", str(hostile_config), "--run-dir"]
-    assert lines[5] == str(run_dir) and run_dir.is_dir()
-    assert lines[-1] == "1 1 16 node-a 21234"
-    assert not list(tmp_path.rglob("INJECTED*"))
+    prepare, rank, _ = [call.strip("\n").split("\n") for call in record.read_text().split("---")]
+    assert prepare[:-1] == ["-m", "cluster.submit.prepare", str(hostile_config), str(run_dir), "--world", "16",
+                            "--set", f"cluster.python={recorder}"]
+    assert rank == ["-m", "trainer.main", str(run_dir), "env 1 1 16 node-a 21234"]
+    assert run_dir.is_dir() and not list(tmp_path.rglob("INJECTED*"))
 
 
 def test_sbatch_refuses_a_newline_in_a_directive(capsys, hostile_config, tmp_path):
@@ -110,10 +110,12 @@ def test_hostfile_launch_command(capsys, hostile_config, tmp_path):
                   "8", "--run-dir", str(tmp_path / "run"))
     hosts_text, command = out.split("\n", 1)[1].rsplit("node-b slots=8\n", 1)
     assert hosts_text == "node-a slots=8\n"
-    argv = shlex.split(command)
-    assert argv[1:3] == ["-m", "deepspeed.launcher.runner"] and "--no_local_rank" in argv
-    assert argv[argv.index("--master_addr") + 1] == "node-a"
-    assert argv[argv.index("--module") + 1:argv.index("--module") + 4] == ["cluster.cli", "train", str(hostile_config)]
+    prepare, launcher = (shlex.split(line) for line in command.strip().split("\n"))
+    assert prepare[1:4] == ["-m", "cluster.submit.prepare", str(hostile_config)]
+    assert prepare[prepare.index("--world") + 1] == "16"
+    assert launcher[1:3] == ["-m", "deepspeed.launcher.runner"] and "--no_local_rank" in launcher
+    assert launcher[launcher.index("--master_addr") + 1] == "node-a"
+    assert launcher[launcher.index("--module") + 1:] == ["trainer.main", str(tmp_path / "run")]
 
 
 def test_hostfile_parsing_rejects_garbage():
@@ -136,6 +138,7 @@ def test_plan_flag_puts_the_planned_layout_into_the_job(capsys, hostile_config, 
     script = dry_run(capsys, str(hostile_config), "--cluster", str(repo_root / "configs/cluster/slurm-2x8.yaml"),
                      "--plan")
     assert "--set parallel.zero_stage=0" in script and "--set train.global_batch_size=16" in script
+    assert "--world 16" in script
     tiny_gpus = tmp_path / "tiny-gpus.yaml"
     tiny_gpus.write_text("backend: slurm\nnodes: 1\ngpus_per_node: 2\ngpu_memory_gb: 0.01\n")
     assert main(["submit", str(hostile_config), "--cluster", str(tiny_gpus), "--plan", "--dry-run"]) == 2

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
 TINY_TRAIN = {"seq_len": 64, "micro_batch_size": 4, "global_batch_size": 4, "lr": 3e-3, "warmup_tokens": 1024,
               "decay_tokens": 10 ** 6, "precision": "fp32", "max_steps": 10}
 
@@ -85,9 +86,10 @@ def shard_dir(tmp_path_factory, shared_data, encoding) -> Path:
     return out
 
 
-def make_run(run_dir: Path, data_dir: Path, model: str = "tiny-gpt", **sections) -> Path:
+def make_run(run_dir: Path, data_dir: Path, model: str = "tiny-gpt", model_overrides: dict = None, **sections) -> Path:
     """Write RUN/config.yaml: the tiny model, TINY_TRAIN, and any section overrides."""
     model_cfg = yaml.safe_load((REPO / "configs" / "model" / f"{model}.yaml").read_text())
+    model_cfg.update(model_overrides or {})
     cfg = {"model": model_cfg, "data": {"path": str(data_dir), "heldout_percent": 2.0},
            "train": dict(TINY_TRAIN), "parallel": {"zero_stage": 0},
            "checkpoint": {"interval": 1000}, "logging": {"wandb_mode": "disabled"}}
@@ -144,3 +146,18 @@ def train_in_process(run_dir: Path) -> int:
 
     os.environ["MASTER_PORT"] = str(free_port())
     return train(run_dir)
+
+
+@pytest.fixture(scope="session")
+def dense_run(tmp_path_factory, shard_dir) -> Path:
+    """A tiny GPT that GPT-2 can express (dense attention), trained 30 steps with checkpoints at 15 and 30,
+    wandb offline: shared by the checkpoint, metrics, eval and export tests."""
+    run = make_run(tmp_path_factory.mktemp("dense") / "run", shard_dir, model_overrides={"attention": "dense"},
+                   train={"max_steps": 30, "seq_len": 32}, checkpoint={"interval": 15, "keep_last": 1},
+                   logging={"wandb_mode": "offline"})
+    os.environ["WANDB_API_KEY"] = FAKE_WANDB_KEY  # must never reach a file in the run dir
+    try:
+        assert train_in_process(run) == 0
+    finally:
+        del os.environ["WANDB_API_KEY"]
+    return run

@@ -74,7 +74,7 @@ def straight(tmp_path_factory, shard_dir):
 @pytest.fixture(scope="module")
 def killed_after_checkpoint(tmp_path_factory, shard_dir):
     run = new_run(tmp_path_factory.mktemp("killed") / "run", shard_dir)
-    set_config(run, "train", step_delay_s=0.3)  # so the kill lands between step 10 and 20
+    set_config(run, "train", step_delay_s=0.2)  # so the kill lands between step 10 and 20
     latest = run / "checkpoints" / "latest"
     run_until_killed(run, lambda: latest.is_file() and latest.read_text() == "step-10")
     set_config(run, "train", step_delay_s=0.0)

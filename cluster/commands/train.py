@@ -1,0 +1,71 @@
+"""`pretrain train`, `pretrain eval` and `pretrain export hf`: the trainer's commands."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a model (resumes from the newest checkpoint in the run dir)",
+                           description="Train with DeepSpeed; rerunning the same command resumes exactly.")
+    train.add_argument("config", help="a train YAML, e.g. configs/train/tiny-gpt-cpu.yaml")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    train.add_argument("--nproc", type=int, default=1, help="local processes (data-parallel ranks), default 1")
+    train.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config name>")
+    train.set_defaults(func=run_train)
+
+    ev = sub.add_parser("eval", help="held-out loss/perplexity and few-shot accuracy of a checkpoint")
+    ev.add_argument("path", help="a run dir (its newest complete checkpoint) or a checkpoint dir")
+    ev.add_argument("--tokenizer", default=None, help="a .tiktoken file (offline); default: tiktoken by name")
+    ev.add_argument("--max-batches", type=int, default=20, help="held-out micro-batches to score")
+    ev.add_argument("--examples", type=int, default=50, help="examples per few-shot task")
+    ev.add_argument("--shots", default="0,1,5", help="shot counts, comma-separated")
+    ev.add_argument("--json", action="store_true", help="print JSON only")
+    ev.set_defaults(func=run_eval)
+
+    export = sub.add_parser("export", help="export a checkpoint to another format")
+    esub = export.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    hf = esub.add_parser("hf", help="a Hugging Face transformers GPT-2 model directory (dense models)")
+    hf.add_argument("checkpoint", help="a run dir or checkpoint dir")
+    hf.add_argument("out_dir", type=Path)
+    hf.set_defaults(func=run_export_hf)
+
+
+def run_train(args) -> int:
+    from cluster.configio import load_run_config
+    from trainer.errors import TrainError
+    from trainer.launch import launch, prepare_run_dir
+
+    if args.nproc < 1:
+        raise TrainError(f"--nproc {args.nproc}: must be at least 1")
+    cfg = load_run_config(args.config, args.overrides)
+    run_dir = args.run_dir or Path("runs") / Path(args.config).stem
+    prepare_run_dir(cfg, run_dir, args.nproc)
+    return launch(run_dir, args.nproc)
+
+
+def run_eval(args) -> int:
+    from trainer.eval import evaluate
+
+    shots = tuple(int(s) for s in args.shots.split(","))
+    result = evaluate(args.path, args.tokenizer, args.max_batches, args.examples, shots)
+    (Path(result["checkpoint"]) / "eval.json").write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{result['checkpoint']}: held-out loss {result['heldout_loss']:.4f}, "
+          f"perplexity {result['heldout_perplexity']:.1f} ({result['heldout_tokens']} tokens)")
+    for task, accs in result["few_shot"].items():
+        cells = "  ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items())
+        print(f"  {task:<16} {cells}  (n={result['few_shot_examples'][task]})")
+    return 0
+
+
+def run_export_hf(args) -> int:
+    from trainer.export import export_hf
+
+    out = export_hf(args.checkpoint, args.out_dir)
+    print(f"wrote {out} (transformers GPT2LMHeadModel; logits checked against the checkpoint)")
+    return 0

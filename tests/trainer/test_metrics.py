@@ -1,0 +1,35 @@
+import torch
+
+from tests.trainer.conftest import FAKE_WANDB_KEY, read_metrics
+from trainer.metrics import measure_cpu_peak, moe_fields, progress_line
+
+DESIGN_KEYS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+
+
+def test_metrics_jsonl_has_the_design_keys(dense_run):
+    m = read_metrics(dense_run)
+    assert sorted(m) == list(range(1, 31))
+    for r in m.values():
+        assert DESIGN_KEYS <= set(r) and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+    assert m[30]["tokens"] == 30 * 4 * 32
+
+
+def test_wandb_is_offline_in_the_run_dir_and_never_holds_the_key(dense_run):
+    assert list((dense_run / "wandb").glob("offline-run-*"))
+    for path in dense_run.rglob("*"):
+        if path.is_file():
+            assert FAKE_WANDB_KEY.encode() not in path.read_bytes(), path
+
+
+def test_moe_fields_are_per_layer_fractions():
+    counts = torch.tensor([[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    f = moe_fields([1, 3], counts, torch.tensor([0.25, 0.0]), aux_loss=1.1, z_loss=0.5)
+    assert f["expert_load"] == [[0.75, 0.25, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]
+    assert f["dropped_frac"] == 0.125 and f["moe_layers"] == [1, 3] and f["aux_loss"] == 1.1
+    line = progress_line({"step": 3, "loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0, "mfu": 0.1, **f}, 9)
+    assert "step 3/9" in line and "aux 1.100" in line
+
+
+def test_cpu_peak_is_measured_and_plausible():
+    peak = measure_cpu_peak(seconds=0.1, n=256)
+    assert 1e8 < peak < 1e13

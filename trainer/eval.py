@@ -1,0 +1,110 @@
+"""`pretrain eval RUN_DIR|CHECKPOINT`: held-out loss and perplexity on the documents the key-hash split
+kept out of training, and in-context few-shot accuracy (Brown et al. 2020) on two tasks generated
+here, so no benchmark download is needed:
+- two-digit addition, GPT-3's prompt format ("Q: What is 48 plus 76? A: 124");
+- next-word prediction on held-out sentences (LAMBADA-style: the last word of a sentence).
+Each is scored zero-shot, one-shot and few-shot; an answer counts when greedy decoding reproduces it.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from trainer.data import heldout_batches, load_manifest
+from trainer.errors import TrainError
+from trainer.export import load_model
+
+
+def load_tokenizer(manifest_tokenizer: dict, path: Optional[str]):
+    """tiktoken encoding: from a .tiktoken file when given (offline), else by the manifest's name."""
+    import tiktoken
+
+    if path:
+        from tiktoken.load import load_tiktoken_bpe
+        from tiktoken_ext.openai_public import r50k_pat_str
+
+        if not Path(path).is_file():
+            raise TrainError(f"--tokenizer {path}: file not found")
+        eot = int(manifest_tokenizer["eot_id"])
+        return tiktoken.Encoding(manifest_tokenizer.get("name", "gpt2"), pat_str=r50k_pat_str,
+                                 mergeable_ranks=load_tiktoken_bpe(path), special_tokens={"<|endoftext|>": eot})
+    try:
+        return tiktoken.get_encoding(manifest_tokenizer.get("name", "gpt2"))
+    except Exception as e:  # tiktoken fetches its files on first use; offline that fails
+        raise TrainError(f"cannot load tokenizer {manifest_tokenizer.get('name')!r} ({e}); pass --tokenizer FILE") from None
+
+
+@torch.no_grad()
+def heldout_loss(model, batches: list[torch.Tensor]) -> dict:
+    if not batches:
+        raise TrainError("no held-out documents: raise data.heldout_percent (they are chosen by key hash)")
+    total, n = 0.0, 0
+    for b in batches:
+        out = model(b[:, :-1], b[:, 1:])
+        total += out.ce_loss.item() * b[:, 1:].numel()
+        n += b[:, 1:].numel()
+    loss = total / n
+    return {"heldout_loss": loss, "heldout_perplexity": math.exp(loss), "heldout_tokens": n}
+
+
+def addition_examples(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(n)]
+    return [(f"Q: What is {a} plus {b}? A:", f" {a + b}") for a, b in pairs]
+
+
+def next_word_examples(text: str, rng: random.Random, n: int) -> list[tuple[str, str]]:
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split()))]
+    usable = [s for s in sentences if 6 <= len(s.split()) <= 40 and re.fullmatch(r".*\s\w+[.!?]", s)]
+    rng.shuffle(usable)
+    out = []
+    for s in usable[:n]:
+        body, last = s[:-1].rsplit(" ", 1)
+        out.append((body, f" {last}"))
+    return out
+
+
+@torch.no_grad()
+def greedy_matches(model, enc, prompt: str, answer: str, n_ctx: int) -> bool:
+    target = enc.encode_ordinary(answer)
+    ids = enc.encode_ordinary(prompt)[-(n_ctx - len(target)):]
+    x = torch.tensor([ids])
+    for want in target:
+        nxt = int(model(x).logits[0, -1].argmax())
+        if nxt != want:
+            return False
+        x = torch.cat([x, torch.tensor([[nxt]])], dim=1)[:, -n_ctx:]
+    return True
+
+
+def few_shot_accuracy(model, enc, examples: list[tuple[str, str]], shots: int, n_ctx: int, seed: int) -> float:
+    """Each query is preceded by `shots` other solved examples of the same task, one per line."""
+    rng = random.Random(seed)
+    correct = 0
+    for i, (prompt, answer) in enumerate(examples):
+        others = [e for j, e in enumerate(examples) if j != i]
+        context = "".join(p + a + "\n" for p, a in rng.sample(others, min(shots, len(others))))
+        correct += greedy_matches(model, enc, context + prompt, answer, n_ctx)
+    return correct / len(examples) if examples else float("nan")
+
+
+def evaluate(path: str | Path, tokenizer: Optional[str] = None, max_batches: int = 20, n_examples: int = 50,
+             shots: tuple[int, ...] = (0, 1, 5), seed: int = 0) -> dict:
+    model, cfg, step_dir = load_model(path)
+    manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
+    batches = heldout_batches(manifest, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.data.heldout_percent,
+                              max_batches)
+    result = {"checkpoint": str(step_dir), **heldout_loss(model, batches)}
+    enc = load_tokenizer(manifest.tokenizer, tokenizer)
+    rng = random.Random(seed)
+    text = " ".join(enc.decode([t for t in b.flatten().tolist() if t != manifest.eot_id]) for b in batches)
+    tasks = {"addition_2digit": addition_examples(rng, n_examples), "next_word": next_word_examples(text, rng, n_examples)}
+    n_ctx = min(cfg.model.n_ctx, cfg.train.seq_len)
+    result["few_shot"] = {name: {f"{k}-shot": few_shot_accuracy(model, enc, ex, k, n_ctx, seed) for k in shots}
+                          for name, ex in tasks.items()}
+    result["few_shot_examples"] = {name: len(ex) for name, ex in tasks.items()}
+    return result
