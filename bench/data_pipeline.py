@@ -15,10 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# This file shares the package's name; drop its own directory so `data_pipeline` is the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from data_pipeline.config import (C4FilterConfig, ExtractConfig, FineWebFilterConfig, GopherQualityConfig,
                                   GopherRepetitionConfig, LanguageFilterConfig)
@@ -34,7 +38,7 @@ from data_pipeline.readers.text import split_text
 from data_pipeline.step import run_steps
 from data_pipeline.tokenization import load_encoding
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # noqa: E402 (after the sys.path fix)
 RULES = ["language", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
 
 

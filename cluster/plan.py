@@ -90,11 +90,12 @@ class Plan:
         return out
 
 
-def _activation_bytes(precision: Precision) -> int:
+def _element_bytes(precision: Precision) -> int:
+    """Bytes of one activation, 16-bit weight or gradient element."""
     return 4 if precision == "fp32" else 2
 
 
-def block_activation_bytes(cfg: ModelConfig, layer: int, tokens: int, precision: Precision) -> float:
+def block_element_bytes(cfg: ModelConfig, layer: int, tokens: int, precision: Precision) -> float:
     """Bytes autograd saves for one block's backward (trainer/model/gpt.py, attention.py, moe.py).
 
     Attention: LN input and output, q/k/v, the fused-attention output and its contiguous copy for
@@ -102,7 +103,7 @@ def block_activation_bytes(cfg: ModelConfig, layer: int, tokens: int, precision:
     and output: 2 x (tokens x d_ff). A Switch FFN instead keeps the routed [experts, capacity, d]
     buffer, the expert hidden pre/post GELU and the gathered output; its router works in float32.
     """
-    d, a = cfg.d_model, _activation_bytes(precision)
+    d, a = cfg.d_model, _element_bytes(precision)
     if not cfg.is_moe_layer(layer):
         return a * tokens * (9 * d + 2 * cfg.ff_width)
     routed = cfg.moe.capacity_factor * tokens
@@ -113,13 +114,13 @@ def block_activation_bytes(cfg: ModelConfig, layer: int, tokens: int, precision:
 def logits_bytes(cfg: ModelConfig, tokens: int, precision: Precision) -> float:
     """Peak of the loss over the vocabulary: the logits, and in float32 the log-softmax output,
     the gradient arriving from the NLL loss and the gradient it produces (alive together)."""
-    return tokens * cfg.vocab_size * (_activation_bytes(precision) + 12)
+    return tokens * cfg.vocab_size * (_element_bytes(precision) + 12)
 
 
 def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: Precision, checkpointing: bool) -> float:
     tokens = micro_batch * seq_len
-    a = _activation_bytes(precision)
-    per_block = [block_activation_bytes(cfg, i, tokens, precision) for i in range(cfg.n_layer)]
+    a = _element_bytes(precision)
+    per_block = [block_element_bytes(cfg, i, tokens, precision) for i in range(cfg.n_layer)]
     # Checkpointed blocks keep only their input, then recompute one block at a time in backward.
     blocks = cfg.n_layer * a * tokens * cfg.d_model + max(per_block) if checkpointing else sum(per_block)
     banded_mask = seq_len * seq_len if cfg.attention == "alternating" and seq_len > cfg.local_window else 0
@@ -130,16 +131,15 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
 def estimate_memory(cfg: ModelConfig, layout: Layout, seq_len: int, precision: Precision) -> Memory:
     states = memory_per_gpu(cfg, layout.zero_stage, layout.dp_size, layout.ep_size, precision)
     tokens = layout.micro_batch_size * seq_len
-    a = _activation_bytes(precision)
+    a = _element_bytes(precision)
     all_to_all = 0.0
     if cfg.moe is not None and layout.ep_size > 1:
         all_to_all = 2 * cfg.moe.capacity_factor * tokens * cfg.d_model * a
     buffers = 0.0
     if layout.dp_size > 1:
-        params_here = states.weights / (2 if precision != "fp32" else 4)
-        buffers = min(COMM_BUCKET_ELEMENTS, params_here) * (2 if precision != "fp32" else 4)
+        buffers = min(COMM_BUCKET_ELEMENTS, states.weights / a) * a
     if layout.zero_stage == 3:
-        buffers += 2 * largest_layer_params(cfg) * (2 if precision != "fp32" else 4)  # current + prefetched
+        buffers += 2 * largest_layer_params(cfg) * a  # the current layer and the prefetched one
     return Memory(weights=states.weights, grads=states.grads, optimizer=states.optimizer,
                   activations=activation_bytes(cfg, layout.micro_batch_size, seq_len, precision,
                                                layout.activation_checkpointing),
@@ -167,17 +167,22 @@ def default_global_batch(cfg: ModelConfig, seq_len: int) -> int:
     return max(1, round(tokens / seq_len))
 
 
+def expert_parallel_sizes(cfg: ModelConfig, gpus: int) -> list[int]:
+    """Sizes that divide both the experts and the data-parallel ranks (DeepSpeed MoE's rule)."""
+    if cfg.moe is None:
+        return [1]
+    return [e for e in range(1, cfg.moe.num_experts + 1) if gpus % e == 0 and cfg.moe.num_experts % e == 0]
+
+
 def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int):
     """Cheapest first: no recompute before recompute, lower ZeRO stages (less communication),
     fewer expert-parallel ranks (less all-to-all), larger micro batches (fewer, fuller steps)."""
     per_rank = global_batch // gpus
     micro_batches = sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True)
-    ep_sizes = [1]
-    stages = [0, 1, 2, 3]
-    if cfg.moe is not None:
-        ep_sizes = [e for e in range(1, cfg.moe.num_experts + 1) if gpus % e == 0 and cfg.moe.num_experts % e == 0]
-        stages = [0, 1, 2]  # the engine refuses ZeRO-3 with experts (trainer/engine.py: check_parallel)
-    for ckpt, stage, ep, micro in itertools.product((False, True), stages, ep_sizes, micro_batches):
+    # The engine refuses ZeRO-3 with experts (trainer/engine.py: check_parallel).
+    stages = [0, 1, 2] if cfg.moe is not None else [0, 1, 2, 3]
+    for ckpt, stage, ep, micro in itertools.product((False, True), stages, expert_parallel_sizes(cfg, gpus),
+                                                    micro_batches):
         yield Layout(stage, ep, gpus, micro, per_rank // micro, ckpt)
 
 
@@ -222,6 +227,11 @@ def _why_not_cheaper(cfg: ModelConfig, chosen: Layout, seq_len: int, precision: 
         need = estimate_memory(cfg, lower, seq_len, precision).total
         reasons.append(f"ZeRO-{lower.zero_stage} would need {need / GB:.1f} GB per GPU even with micro batch 1 "
                        f"and activation checkpointing")
+    smaller_ep = [e for e in expert_parallel_sizes(cfg, chosen.dp_size) if e < chosen.ep_size]
+    if smaller_ep:
+        fewer = Layout(chosen.zero_stage, smaller_ep[-1], chosen.dp_size, 1, 1, chosen.activation_checkpointing)
+        need = estimate_memory(cfg, fewer, seq_len, precision).total
+        reasons.append(f"expert parallel {fewer.ep_size} would need {need / GB:.1f} GB with micro batch 1")
     if chosen.activation_checkpointing:
         plain = Layout(chosen.zero_stage, chosen.ep_size, chosen.dp_size, 1, 1, False)
         need = estimate_memory(cfg, plain, seq_len, precision).total

@@ -3,6 +3,7 @@ at each ZeRO stage, computed analytically (no model is built, so 175B answers in
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 
 GIB = 1024**3
@@ -15,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     info = msub.add_parser(
         "info", help="parameter counts, FLOPs per token, memory per GPU at ZeRO stages 0-3",
-        description=__doc__.split("\n\n")[0] + "\n\nFLOPs per token: " + (flops_per_token.__doc__ or "").strip(),
+        description=__doc__.split("\n\n")[0] + "\n\nFLOPs per token: " + inspect.getdoc(flops_per_token),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("config", help="a model YAML (configs/model/...) or a train YAML")
     info.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -51,9 +51,10 @@ def write_config(text: str) -> str:
 class NodeLauncher:
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port on it, for the rendezvous when this is node 0."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:  # only asks the kernel for a free port; the trainer listens on it
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
 
     def run(self, run_dir: str, node_rank: int, nodes: int, procs: int, master: tuple[str, int]) -> list[int]:
         """Starts this node's ranks and waits; a failing rank stops its siblings."""

@@ -102,7 +102,8 @@ def test_report_of_a_tiny_switch_run_renders_in_chromium(train_job, data_job, tm
     assert train_job.state == "SUCCEEDED", train_job.printed[-3000:]
     assert main(["report", str(train_job.output_dir), "--out", str(tmp_path / "report.html")]) == 0
     html = (tmp_path / "report.html").read_text()
-    expected = 5 + 2 + html.count("Expert load, layer") + 2  # training, MoE, heatmaps, data run
+    expected = 5 + 2 + html.count('aria-label="Expert load, layer') + 2  # training, MoE, heatmaps, data run
+    assert 'aria-label="Expert load, layer 1' in html and "Documents per source" in html
     shot = tmp_path / "shot.png"
     done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                            "--window-size=1240,4200", f"--screenshot={shot}", f"file://{tmp_path / 'report.html'}"],
