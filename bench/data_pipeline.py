@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 # This file shares the package's name; drop its own directory so `data_pipeline` is the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
@@ -63,14 +65,32 @@ def our_steps(data: Path) -> dict:
             "c4": C4Filter(C4FilterConfig()), "fineweb": FineWebFilter(FineWebFilterConfig())}
 
 
+class NumpyScores:
+    """fasttext-predict returns scores as floats; datatrove expects fastText's numpy array."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def predict(self, text: str, k: int = 1):
+        labels, scores = self.model.predict(text, k=k)
+        return labels, np.asarray(scores)
+
+
 def datatrove_steps(data: Path, sig_dir: str) -> tuple[dict, object]:
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
     from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
                                             GopherRepetitionFilter, LanguageFilter as DTLanguageFilter)
+    from datatrove.utils.hashes import xxhash as dt_xxhash
     from fasttext.FastText import _FastText
+    import xxhash
 
+    # datatrove asks for the `fasttext-numpy2-wheel` distribution; the venv's fasttext-predict
+    # provides the same `fasttext` module and model class, so skip that distribution check.
+    DTLanguageFilter._requires_dependencies = ["fasteners"]
+    # The installed xxhash refuses str, which datatrove passes; encode as older xxhash did.
+    dt_xxhash.xxhash64 = lambda data: xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
     language = DTLanguageFilter(languages=["en"], language_threshold=0.65)
-    language.model._model = _FastText(str(data / "langid/lid.176.ftz"))  # offline: the same model file
+    language.model._model = NumpyScores(_FastText(str(data / "langid/lid.176.ftz")))  # offline: the same model file
     steps = {"language": language, "gopher_repetition": GopherRepetitionFilter(),
              "gopher_quality": GopherQualityFilter(), "c4": C4QualityFilter(), "fineweb": FineWebQualityFilter()}
     return steps, MinhashDedupSignature(output_folder=sig_dir, config=MinhashConfig(n_grams=5, num_buckets=14,
@@ -121,8 +141,7 @@ def run_datatrove(docs: list[Document], steps: dict, minhash) -> None:
     pipeline = (dt_doc(d) for d in docs)
     for step in steps.values():
         pipeline = step.run(pipeline)
-    for _ in minhash.run(pipeline):
-        pass
+    minhash.run(pipeline)  # consumes the documents, writes signatures; yields nothing
 
 
 def agreement(docs: list[Document], ours: dict, theirs: dict) -> dict:

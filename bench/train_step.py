@@ -43,7 +43,8 @@ def ensure_data(path: str | None, workdir: Path) -> Path:
     """The demo's shards if present, else the test fixture's shard builder over ../shared/data."""
     if path and (Path(path) / "manifest.json").is_file():
         return Path(path)
-    from tests.trainer.conftest import SHARED_DATA, book_documents, gpt2_encoding, wiki_documents, write_shards
+    from tests.conftest import SHARED_DATA
+    from tests.trainer.conftest import book_documents, gpt2_encoding, wiki_documents, write_shards
 
     enc = gpt2_encoding(SHARED_DATA)
     sources = {"books": [enc.encode_ordinary(d) for d in book_documents(SHARED_DATA, 600)],

@@ -52,7 +52,7 @@ class RayExecutor:
             # ray_current_cluster file) that a bare ray.init() would try to join.
             kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus,
                                                             "include_dashboard": False}
-            ray.init(log_to_driver=False, configure_logging=False, **kwargs)
+            ray.init(configure_logging=False, **kwargs)
 
     def map(self, fn: Callable, items: Sequence, *args, desc: str = "") -> list:
         remote = self.ray.remote(max_retries=self.max_retries)(fn)

@@ -27,7 +27,6 @@ from deepspeed.utils import groups
 from torch import nn
 
 from trainer.config import RunConfig
-from trainer.errors import TrainError
 
 
 def free_port() -> int:
@@ -65,18 +64,6 @@ def expert_parallel_group(ep_size: int) -> Optional[dist.ProcessGroup]:
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
     return groups._get_expert_parallel_group(name)
-
-
-def check_parallel(cfg: RunConfig, world: int) -> int:
-    """Gradient accumulation for this world size; refuses combinations we cannot run correctly."""
-    if cfg.model.moe is not None and cfg.parallel.zero_stage == 3:
-        raise TrainError("parallel.zero_stage: ZeRO-3 with a MoE model is not supported: ZeRO-3 would partition "
-                         "each rank's own experts over all data-parallel ranks and gather them back as if they were "
-                         "replicas; use zero_stage 1 or 2 (experts are then sharded by parallel.ep_size)")
-    try:
-        return cfg.check_batch(world)
-    except ValueError as e:
-        raise TrainError(str(e)) from None
 
 
 def ds_config(cfg: RunConfig, world: int, accum: int) -> dict:

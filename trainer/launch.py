@@ -11,8 +11,19 @@ from pathlib import Path
 import yaml
 
 from trainer.config import RunConfig
-from trainer.engine import check_parallel, free_port
 from trainer.errors import TrainError
+
+
+def check_parallel(cfg: RunConfig, world: int) -> int:
+    """Gradient accumulation for this world size; refuses combinations we cannot run correctly."""
+    if cfg.model.moe is not None and cfg.parallel.zero_stage == 3:
+        raise TrainError("parallel.zero_stage: ZeRO-3 with a MoE model is not supported: ZeRO-3 would partition "
+                         "each rank's own experts over all data-parallel ranks and gather them back as if they were "
+                         "replicas; use zero_stage 1 or 2 (experts are then sharded by parallel.ep_size)")
+    try:
+        return cfg.check_batch(world)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, nproc: int) -> Path:
@@ -40,6 +51,8 @@ def launch(run_dir: Path, nproc: int) -> int:
         from trainer.main import train
 
         return train(run_dir)
+    from trainer.engine import free_port
+
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "trainer.main", str(run_dir)]
     repo = str(Path(__file__).resolve().parent.parent)

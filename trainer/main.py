@@ -22,8 +22,9 @@ import yaml
 from trainer import checkpoint
 from trainer.config import RunConfig
 from trainer.data import TrainLoader, load_manifest
-from trainer.engine import build_engine, check_parallel, expert_parallel_group, init_distributed, shutdown_distributed
+from trainer.engine import build_engine, expert_parallel_group, init_distributed, shutdown_distributed
 from trainer.errors import TrainError
+from trainer.launch import check_parallel
 from trainer.metrics import MetricsLogger, flops_for, moe_fields, progress_line
 from trainer.schedule import accumulation_at, lr_at
 from trainer.stability import SpikeMonitor

@@ -11,6 +11,8 @@ from data_pipeline.errors import PipelineError
 def test_shipped_configs_load(repo_root):
     sample = load_config(repo_root / "configs/data/sample.yaml", DataConfig)
     assert sample.shards.target_bytes < 10_000_000
+    fetched = load_config(repo_root / "configs/data/sample-fetched.yaml", DataConfig)
+    assert [s.name for s in fetched.sources] == ["web", "books", "wiki"]
     gpt3 = load_config(repo_root / "configs/data/gpt3-mixture.yaml", DataConfig)
     assert {s.name: s.weight for s in gpt3.sources} == {"common_crawl": 0.60, "webtext2": 0.22, "books1": 0.08,
                                                          "books2": 0.08, "wikipedia": 0.03}

