@@ -179,7 +179,7 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int):
     fewer expert-parallel ranks (less all-to-all), larger micro batches (fewer, fuller steps)."""
     per_rank = global_batch // gpus
     micro_batches = sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True)
-    # The engine refuses ZeRO-3 with experts (trainer/engine.py: check_parallel).
+    # The trainer refuses ZeRO-3 with experts (trainer/launch.py: check_parallel).
     stages = [0, 1, 2] if cfg.moe is not None else [0, 1, 2, 3]
     for ckpt, stage, ep, micro in itertools.product((False, True), stages, expert_parallel_sizes(cfg, gpus),
                                                     micro_batches):

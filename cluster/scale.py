@@ -84,7 +84,10 @@ def scale_config(path: str | Path, target: Target, overrides: list[str] = ()) ->
         run = _base_run(model)
     scaled = scale_model(model, target)
     run["model"] = scaled.model_dump(mode="json", exclude_none=True)
-    run["train"] = {**run.get("train", {}), **TARGETS[target].train}
+    # Token-denominated schedules shrink with the batch: the target's warmup and decay, no batch
+    # ramp (GPT-3's ramp starts above a whole CPU batch); no recompute at sizes that fit anyway.
+    run["train"] = {**run.get("train", {}), **TARGETS[target].train,
+                    "batch_rampup_tokens": 0, "activation_checkpointing": False}
     run["parallel"] = {"zero_stage": 0, "ep_size": 1}
     run.pop("cluster", None)
     return RunConfig.model_validate(run)

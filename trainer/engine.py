@@ -56,14 +56,13 @@ def shutdown_distributed() -> None:
 
 
 def expert_parallel_group(ep_size: int) -> Optional[dist.ProcessGroup]:
-    """The all-to-all group a Switch layer exchanges tokens in, created the way DeepSpeed MoE does so
-    the engine finds the matching expert-data-parallel group under the name `ep_size_{ep_size}`."""
-    if ep_size == 1:
-        return None
+    """Creates the expert and expert-data-parallel groups the way DeepSpeed MoE does (the engine looks
+    them up by the experts' `group_name`, `ep_size_{ep_size}`, even for ep_size 1) and returns the
+    all-to-all group a Switch layer exchanges tokens in: None when every rank holds all experts."""
     name = f"ep_size_{ep_size}"
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
-    return groups._get_expert_parallel_group(name)
+    return groups._get_expert_parallel_group(name) if ep_size > 1 else None
 
 
 def ds_config(cfg: RunConfig, world: int, accum: int) -> dict:

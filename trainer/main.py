@@ -74,7 +74,8 @@ class Trainer:
         self.full_accum = check_parallel(cfg, self.world)
         self.ckpt_root = run_dir / "checkpoints"
         self.config_yaml = (run_dir / "config.yaml").read_text()
-        model = build_model(cfg, self.rank, expert_parallel_group(cfg.parallel.ep_size))
+        ep_group = expert_parallel_group(cfg.parallel.ep_size) if cfg.model.moe is not None else None
+        model = build_model(cfg, self.rank, ep_group)
         self.engine = build_engine(cfg, model, self.world, self.full_accum)
         self.manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
         self.step, self.tokens, self.skipped, self.rollbacks = 0, 0, 0, {}

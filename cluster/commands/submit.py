@@ -46,8 +46,10 @@ def _register_jobs(sub: argparse._SubParsersAction) -> None:
             q.add_argument("job_id", help="the submission id printed by `pretrain submit`")
         q.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)")
         q.set_defaults(func=globals()[f"run_jobs_{name}"])
-    jsub.choices["status"].add_argument("--wait", action="store_true", help="wait until the job has ended")
-    jsub.choices["logs"].add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    jsub.choices["status"].add_argument("--wait", action="store_true",
+                                        help="wait until the job has ended; exit 1 unless it SUCCEEDED")
+    jsub.choices["logs"].add_argument("--follow", "-f", action="store_true",
+                                      help="stream until the job ends; exit 1 unless it SUCCEEDED")
     jsub.choices["stop"].add_argument("--no-wait", action="store_true", help="return without waiting for STOPPED")
 
 
@@ -133,7 +135,7 @@ def run_jobs_status(args: argparse.Namespace) -> int:
     state = jobs.wait(args.address, args.job_id) if args.wait else jobs.status(args.address, args.job_id)
     job = jobs.info(args.address, args.job_id)
     print(f"{args.job_id}: {state}" + (f" ({job.message})" if job.message else ""))
-    return 0
+    return 0 if not args.wait or state == "SUCCEEDED" else 1
 
 
 def run_jobs_logs(args: argparse.Namespace) -> int:
@@ -142,7 +144,7 @@ def run_jobs_logs(args: argparse.Namespace) -> int:
     if args.follow:
         state = jobs.follow(args.address, args.job_id)
         print(f"job {args.job_id}: {state}", file=sys.stderr)
-        return 0
+        return 0 if state == "SUCCEEDED" else 1
     sys.stdout.write(jobs.logs(args.address, args.job_id))
     return 0
 

@@ -7,8 +7,9 @@ from data_pipeline.filters.gopher import duplicates
 from data_pipeline.step import Filter
 from data_pipeline.text import split_words
 
-# Sentence-final marks across scripts (the common subset of FineWeb's list).
-TERMINAL_PUNCT = tuple(".!?\"'”’»。！？…．؟।॥።፧၊။")
+# Sentence-final marks across scripts (the common subset of FineWeb's list; closing quotes
+# and brackets do not count, as in FineWeb's reference code).
+TERMINAL_PUNCT = tuple(".!?。！？．؟।॥።፧၊။")
 
 
 class FineWebFilter(Filter):

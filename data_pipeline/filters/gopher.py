@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
+
+import numpy as np
 
 from data_pipeline.config import GopherQualityConfig, GopherRepetitionConfig
 from data_pipeline.document import Document
@@ -13,6 +14,7 @@ PARAGRAPH_RE = re.compile(r"\n{2,}")
 LINES_RE = re.compile(r"\n+")
 BULLETS = ("•", "-")
 ELLIPSES = ("...", "…")
+NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)
 
 
 def duplicates(items: list[str]) -> tuple[int, int]:
@@ -27,27 +29,50 @@ def duplicates(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def top_ngram_chars(words: list[str], n: int) -> int:
-    """Characters covered by the most frequent n-gram (its length times its count)."""
-    grams = Counter(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
-    if not grams:
+class NgramIndex:
+    """Word n-grams as 64-bit ids (a polynomial over per-document word ids) with their
+    character lengths, so the repetition rules count integers instead of joining strings."""
+
+    def __init__(self, words: list[str]):
+        vocab: dict[str, int] = {}
+        self.ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], np.uint64)
+        self.lengths = np.concatenate([[0], np.cumsum([len(w) for w in words], dtype=np.int64)])
+
+    def grams(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, characters without separators) of every n-gram."""
+        count = self.ids.size - n + 1
+        if count <= 0:
+            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        combined = np.zeros(count, np.uint64)
+        for k in range(n):
+            combined = combined * NGRAM_BASE + self.ids[k:k + count] + np.uint64(1)
+        return combined, self.lengths[n:n + count] - self.lengths[:count]
+
+
+def top_ngram_chars(index: NgramIndex, n: int) -> int:
+    """Characters covered by the most frequent n-gram (its length with spaces, times its
+    count); ties go to the n-gram seen first, as with Counter.most_common."""
+    ids, chars = index.grams(n)
+    if ids.size == 0:
         return 0
-    gram, count = grams.most_common(1)[0]
-    return len(gram) * count
+    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    best = first[counts == counts.max()].min()
+    return int((chars[best] + n - 1) * counts.max())
 
 
-def duplicate_ngram_chars(words: list[str], n: int) -> int:
+def duplicate_ngram_chars(index: NgramIndex, n: int) -> int:
     """Characters in n-grams seen before, skipping past each repeat so overlaps count once."""
-    seen, chars, i = set(), 0, 0
-    while i < len(words) - n + 1:
-        gram = "".join(words[i:i + n])
-        if gram in seen:
-            chars += len(gram)
+    ids, chars = index.grams(n)
+    ids, chars = ids.tolist(), chars.tolist()
+    seen, total, i = set(), 0, 0
+    while i < len(ids):
+        if ids[i] in seen:
+            total += chars[i]
             i += n
         else:
-            seen.add(gram)
+            seen.add(ids[i])
             i += 1
-    return chars
+    return total
 
 
 class GopherRepetition(Filter):
@@ -75,11 +100,12 @@ class GopherRepetition(Filter):
         return self._ngram_reason(split_words(text), len(text))
 
     def _ngram_reason(self, words: list[str], n_chars: int) -> str | None:
+        index = NgramIndex(words)
         for n, frac in sorted(self.c.top_ngram_char_frac.items()):
-            if top_ngram_chars(words, n) / n_chars > frac:
+            if top_ngram_chars(index, n) / n_chars > frac:
                 return f"top_{n}_gram"
         for n, frac in sorted(self.c.dup_ngram_char_frac.items()):
-            if duplicate_ngram_chars(words, n) / n_chars > frac:
+            if duplicate_ngram_chars(index, n) / n_chars > frac:
                 return f"dup_{n}_gram"
         return None
 

@@ -152,3 +152,18 @@ def test_shipped_cluster_configs_validate(path):
     from trainer.config import ClusterConfig
 
     assert load_config(path, ClusterConfig).backend in {"ray", "slurm", "k8s", "ssh"}
+
+
+def test_prepare_validates_for_the_job_world_size_and_writes_the_config(tmp_path, capsys, repo_root):
+    from cluster.submit import prepare
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")  # prepare only checks that the data run finished
+    config = str(repo_root / "configs/train/tiny-switch-cpu.yaml")
+    sets = ["--set", f"data.path={data}", "--set", "parallel.ep_size=2"]
+    assert prepare.main([config, str(tmp_path / "run"), "--world", "1", *sets]) == 2
+    assert "ep_size" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert prepare.main([config, str(tmp_path / "run"), "--world", "2", *sets]) == 0
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["parallel"]["ep_size"] == 2 and written["data"]["path"] == str(data)

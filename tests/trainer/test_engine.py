@@ -36,6 +36,16 @@ def test_tiny_gpt_loss_falls_by_a_clear_margin(tmp_path, shard_dir):
     assert last < first - 2.5, (first, last)  # 7.7k tokens: most of the way to this text's unigram entropy
 
 
+@pytest.mark.parametrize("zero", [0, 1])
+def test_switch_in_one_process(tmp_path, shard_dir, zero):
+    run = make_run(tmp_path / "run", shard_dir, model="tiny-switch", parallel={"zero_stage": zero},
+                   train={"max_steps": 4}, checkpoint={"interval": 2})
+    assert train_in_process(run) == 0
+    m = read_metrics(run)
+    assert m[4]["loss"] < m[1]["loss"] and len(m[4]["expert_load"][0]) == 4
+    assert (run / "checkpoints" / "step-4" / "model-ep0.pt").is_file()
+
+
 def test_zero3_with_experts_is_refused_with_a_reason(tmp_path, shard_dir):
     run = make_run(tmp_path / "run", shard_dir, model="tiny-switch", parallel={"zero_stage": 3})
     with pytest.raises(TrainError, match="ZeRO-3 with a MoE model is not supported"):
