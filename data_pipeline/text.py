@@ -8,12 +8,14 @@ import unicodedata
 
 # Abbreviations spaCy keeps whole (its English tokenizer exceptions; the common ones).
 ABBREVIATIONS = "Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|vs|Mt|Gen|Col|Capt|Lt|Rev|Sgt|Gov|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec|Inc|Ltd"
-WORD_PART = r"[^\W_]+(?:[.,]\d+)*"  # letters/digits (an underscore is punctuation), 3.5 and 1,000 whole
+WORD_PART = r"[^\W_]+(?:[.,:]\d+)*"  # letters/digits (an underscore is punctuation); 3.5, 1,000, Ge1:1 whole
+PRONOUN = r"\b(?:I|[Yy]ou|[Ww]e|[Tt]hey|[Hh]e|[Ss]he|[Ii]t)(?='(?:re|ve|ll|d|m)\b)"
 WORD_RE = re.compile(
     rf"\b(?:{ABBREVIATIONS})\.|\b(?:[A-Za-z]\.){{2,}}|\b[A-Z]\.(?=\s)|"
-    rf"{WORD_PART}[^\w\s-]+-{{2,}}{WORD_PART}|"  # spaCy leaves "answer!--nothing" whole
-    r"-{2,}|\.{2,}|[nN]'[tT]\b|'(?:[sS]|re|ve|ll|d|m)\b|\b[Cc]an(?=not\b)|"
-    rf"{WORD_PART}(?=[nN]'[tT]\b)|{WORD_PART}|[^\w\s]|_")
+    # spaCy splits "--" only between letters; "answer!--nothing", "Miss--" stay whole
+    r"(?<!\S)(?=--|\S*(?:[^A-Za-z\s-]--|--[^A-Za-z\s-]|--(?!\S)))\S+|"
+    rf"-{{2,}}|\.{{2,}}|[nN]'[tT]\b|'[sS]\b|{PRONOUN}|'(?:re|ve|ll|d|m)\b|\b[Cc]an(?=not\b)|"
+    rf"{WORD_PART}(?=[nN]'[tT]\b)|{WORD_PART}(?:'(?![sS]\b)[^\W_]+)*|[^\w\s]|_")
 SENTENCE_END_RE = re.compile(r"[.!?]+[\"')\]]*(?=\s+\S)")
 NORMALIZE_DROP_RE = re.compile(r"[^\w\s]")
 DIGITS_RE = re.compile(r"\d+")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from typing import Optional
 
 import deepspeed
@@ -27,12 +26,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from trainer.config import RunConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainer.launch import free_port
 
 
 def init_distributed() -> None:

@@ -4,6 +4,7 @@ the cluster tools' job)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,12 @@ import yaml
 
 from trainer.config import RunConfig
 from trainer.errors import TrainError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_parallel(cfg: RunConfig, world: int) -> int:
@@ -51,8 +58,6 @@ def launch(run_dir: Path, nproc: int) -> int:
         from trainer.main import train
 
         return train(run_dir)
-    from trainer.engine import free_port
-
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "trainer.main", str(run_dir)]
     repo = str(Path(__file__).resolve().parent.parent)

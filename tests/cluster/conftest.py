@@ -53,7 +53,7 @@ def stop_ray(temp_dir: str) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
+    _, alive = psutil.wait_procs(procs, timeout=3)
     for p in alive:
         try:
             p.kill()

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
+from trainer.launch import free_port  # noqa: F401  (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parents[2]
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
 TINY_TRAIN = {"seq_len": 64, "micro_batch_size": 4, "global_batch_size": 4, "lr": 3e-3, "warmup_tokens": 1024,
@@ -135,14 +137,6 @@ def run_training(run_dir: Path, nproc: int = 1, port: int = 29611, timeout: floa
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_in_process(run_dir: Path) -> int:
