@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from trainer.config import RunConfig
@@ -23,6 +24,8 @@ def free_port() -> int:
 
 def check_parallel(cfg: RunConfig, world: int) -> int:
     """Gradient accumulation for this world size; refuses combinations we cannot run correctly."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise TrainError("train.precision: fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
     if cfg.model.moe is not None and cfg.parallel.zero_stage == 3:
         raise TrainError("parallel.zero_stage: ZeRO-3 with a MoE model is not supported: ZeRO-3 would partition "
                          "each rank's own experts over all data-parallel ranks and gather them back as if they were "

@@ -46,9 +46,10 @@ def device_peak(precision: str) -> tuple[float, str]:
         for key, peaks in GPU_PEAKS.items():
             if key in name:
                 return peaks[precision], f"{name} datasheet {precision} peak"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    peak = measure_cpu_peak(dtype=dtype if not torch.cuda.is_available() else torch.float32)
-    return peak, f"measured by a {precision} matmul at start-up ({torch.get_num_threads()} threads)"
+    # CPUs without bf16 units run bf16 matmuls far slower than fp32; the faster of the two is the peak.
+    dtypes = [torch.float32] + ([torch.bfloat16] if precision == "bf16" else [])
+    peak = max(measure_cpu_peak(dtype=d) for d in dtypes)
+    return peak, f"measured by a matmul at start-up, best of {precision} and fp32 ({torch.get_num_threads()} threads)"
 
 
 def moe_fields(layers: list[int], counts: torch.Tensor, dropped: torch.Tensor, aux_loss: float, z_loss: float) -> dict:
