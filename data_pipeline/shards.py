@@ -12,7 +12,8 @@ documents when it packs sequences.
 
 manifest.json:
     {"format_version": 1,
-     "tokenizer": {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256, "vocab_sha256": "..."},
+     "tokenizer": {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256, "vocab_sha256": "...",
+                   "vocab_file": "/abs/path/r50k_base.tiktoken"},
      "sources": {"<name>": {"weight": 0.6}, ...},
      "shards": [{"path": "books/shard-000000.tar", "source": "books", "samples": 17,
                  "tokens": 123456, "bytes": 250000, "sha256": "..."}, ...]}

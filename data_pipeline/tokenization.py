@@ -47,8 +47,9 @@ def tokenizer_info(config: TokenizerConfig) -> dict:
     if encoding.n_vocab > config.vocab_size:
         raise PipelineError(f"tokenizer.vocab_size: {config.vocab_size} is smaller than the "
                             f"tokenizer's {encoding.n_vocab} tokens ({config.path})")
+    # vocab_file lets `pretrain eval` decode offline; vocab_sha256 is what identifies the tokenizer.
     return {"name": config.name, "vocab_size": config.vocab_size, "eot_id": config.eot_id,
-            "vocab_sha256": file_sha256(config.path)}
+            "vocab_sha256": file_sha256(config.path), "vocab_file": str(Path(config.path).resolve())}
 
 
 class Tokenize(Step):

@@ -7,6 +7,7 @@ Each is scored zero-shot, one-shot and few-shot; an answer counts when greedy de
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import re
@@ -21,9 +22,14 @@ from trainer.export import load_model
 
 
 def load_tokenizer(manifest_tokenizer: dict, path: Optional[str]):
-    """tiktoken encoding: from a .tiktoken file when given (offline), else by the manifest's name."""
+    """tiktoken encoding: from a .tiktoken file when given, else the manifest's vocab_file when it is
+    still there unchanged (both offline), else by the manifest's name."""
     import tiktoken
 
+    recorded = manifest_tokenizer.get("vocab_file")
+    if not path and recorded and Path(recorded).is_file() and \
+            hashlib.sha256(Path(recorded).read_bytes()).hexdigest() == manifest_tokenizer.get("vocab_sha256"):
+        path = recorded
     if path:
         from tiktoken.load import load_tiktoken_bpe
         from tiktoken_ext.openai_public import r50k_pat_str
