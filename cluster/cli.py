@@ -25,7 +25,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.split("\n\n")[0].strip("`: "))
+    parser = argparse.ArgumentParser(
+        prog="pretrain", description="Pretrain GPT-3-family and Switch-Transformer models: data pipeline, "
+        "DeepSpeed training, cluster submission, planning and dashboards. `pretrain COMMAND --help` for each.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:

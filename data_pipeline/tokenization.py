@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from tiktoken.load import load_tiktoken_bpe
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.document import Document, StepStats
 from data_pipeline.errors import PipelineError
+from data_pipeline.shards import sha256_file
 from data_pipeline.step import Step
 
 # GPT-2's pre-tokenization pattern (tiktoken's r50k_base).
@@ -29,14 +29,6 @@ def load_encoding(path: str, eot_id: int = 50256) -> tiktoken.Encoding:
                              special_tokens={EOT_TEXT: eot_id})
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
@@ -49,7 +41,7 @@ def tokenizer_info(config: TokenizerConfig) -> dict:
                             f"tokenizer's {encoding.n_vocab} tokens ({config.path})")
     # vocab_file lets `pretrain eval` decode offline; vocab_sha256 is what identifies the tokenizer.
     return {"name": config.name, "vocab_size": config.vocab_size, "eot_id": config.eot_id,
-            "vocab_sha256": file_sha256(config.path), "vocab_file": str(Path(config.path).resolve())}
+            "vocab_sha256": sha256_file(Path(config.path)), "vocab_file": str(Path(config.path).resolve())}
 
 
 class Tokenize(Step):

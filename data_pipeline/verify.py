@@ -7,7 +7,6 @@ from pathlib import Path
 
 from data_pipeline.errors import PipelineError
 from data_pipeline.shards import FORMAT_VERSION, MANIFEST, iter_samples, sample_key, sha256_file
-from data_pipeline.tokenization import file_sha256
 
 MANIFEST_KEYS = {"format_version", "tokenizer", "sources", "shards"}
 
@@ -58,7 +57,7 @@ def verify(out_dir: Path, tokenizer_path: Path | None = None) -> tuple[dict, lis
     """The manifest and a list of problems (empty when everything matches)."""
     manifest = load_manifest(out_dir)
     problems = []
-    if tokenizer_path is not None and file_sha256(tokenizer_path) != manifest["tokenizer"]["vocab_sha256"]:
+    if tokenizer_path is not None and sha256_file(tokenizer_path) != manifest["tokenizer"]["vocab_sha256"]:
         problems.append(f"tokenizer: {tokenizer_path} does not match the manifest's vocab_sha256")
     for entry in manifest["shards"]:
         if entry["source"] not in manifest["sources"]:

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("eval", help="held-out loss/perplexity and few-shot accuracy of a checkpoint")
     ev.add_argument("path", help="a run dir (its newest complete checkpoint) or a checkpoint dir")
-    ev.add_argument("--tokenizer", default=None, help="a .tiktoken file (offline); default: tiktoken by name")
+    ev.add_argument("--tokenizer", default=None, help="a .tiktoken file; default: the manifest's vocab_file, else tiktoken by name")
     ev.add_argument("--max-batches", type=int, default=20, help="held-out micro-batches to score")
     ev.add_argument("--examples", type=int, default=50, help="examples per few-shot task")
     ev.add_argument("--shots", default="0,1,5", help="shot counts, comma-separated")

@@ -18,7 +18,8 @@ def test_sample_run_decodes_and_counts_add_up(sample_run, shared_data):
     assert check_counts(report) == []
     assert set(manifest["sources"]) == {"web", "wet", "books", "wiki"}
     assert manifest["tokenizer"] == {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256,
-                                     "vocab_sha256": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"}
+                                     "vocab_sha256": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+                                     "vocab_file": str((shared_data / "tokenizer/gpt2/r50k_base.tiktoken").resolve())}
     wiki = report["sources"]["wiki"]["steps"]["read"]
     assert wiki["removed"]["read:redirect"] == 100 and wiki["docs_out"] == 106
     encoding = load_encoding(str(shared_data / "tokenizer/gpt2/r50k_base.tiktoken"))
