@@ -205,13 +205,17 @@ class PackedStream:
 
     def _next_doc(self) -> bool:
         self._doc_start = self._snapshot()
-        name = self.names[self.rng.choice(len(self.names), p=self.probs)] if len(self.names) > 1 else self.names[0]
-        tokens = self.streams[name].next_doc()
-        if tokens is None:
-            return False
-        self.doc = np.append(tokens.astype(np.int64), self.manifest.eot_id)
-        self.offset = 0
-        return True
+        while self.names:
+            name = self.names[self.rng.choice(len(self.names), p=self.probs)] if len(self.names) > 1 else self.names[0]
+            tokens = self.streams[name].next_doc()
+            if tokens is not None:
+                self.doc = np.append(tokens.astype(np.int64), self.manifest.eot_id)
+                self.offset = 0
+                return True
+            # Only a held-out pass ends (training streams cycle): mix the sources that still have documents.
+            keep = [i for i, n in enumerate(self.names) if n != name and self.probs[i] > 0]
+            self.names, self.probs = [self.names[i] for i in keep], self.probs[keep] / self.probs[keep].sum()
+        return False
 
     def next_window(self) -> Optional[np.ndarray]:
         parts, need = [], self.window

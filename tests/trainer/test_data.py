@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
+from tests.trainer.conftest import write_shards
 from trainer.data import PackedStream, TrainLoader, heldout_batches, is_heldout, load_manifest, read_documents
 from trainer.errors import TrainError
 
@@ -75,6 +76,16 @@ def test_heldout_split_is_disjoint_from_training(shard_dir):
     keys = [key for recs in m.shards.values() for r in recs for key, _ in read_documents(shard_dir / r["path"])]
     heldout = [k for k in keys if is_heldout(k, 10.0)]
     assert 0 < len(heldout) < len(keys) * 0.25
+
+
+def test_heldout_pass_reads_every_source_to_its_end(tmp_path):
+    """A source without held-out documents ends early; the pass goes on with the others."""
+    docs = {"books": [[i + 1] * 40 for i in range(60)], "wiki": [[7] * 40]}
+    (tmp_path / "manifest.json").write_text(json.dumps(write_shards(tmp_path, docs, {"books": 1, "wiki": 1})))
+    assert not is_heldout("wiki-000000-000000", 20.0)
+    held_docs = sum(is_heldout(f"books-000000-{i:06d}", 20.0) for i in range(60))
+    batches = heldout_batches(manifest(tmp_path), 16, 1, heldout_percent=20.0, max_batches=1000)
+    assert held_docs > 5 and len(batches) == held_docs * 41 // 17
 
 
 def test_tokenizer_bigger_than_model_vocab_is_refused(shard_dir):
