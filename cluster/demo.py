@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     stage("data pipeline (local Ray)", "data", "run", data_config(), "--out", str(data_dir))
     stage("verify shards", "data", "verify", str(data_dir))
     runs = {}
-    for name in ("tiny-switch", "tiny-gpt"):
+    # The Switch model trains on 2 processes with its experts split over them (expert parallelism).
+    launch = {"tiny-switch": ["--nproc", "2", "--set", "parallel.ep_size=2"], "tiny-gpt": []}
+    for name, extra in launch.items():
         runs[name] = out / name
         stage(f"train {name}", "train", f"configs/train/{name}-cpu.yaml", "--run-dir", str(runs[name]),
-              "--set", f"data.path={data_dir}", "--set", f"train.max_steps={args.steps}")
+              "--set", f"data.path={data_dir}", "--set", f"train.max_steps={args.steps}", *extra)
         stage(f"evaluate {name}", "eval", str(runs[name]))
         stage(f"dashboard for {name}", "report", str(runs[name]))
     stage("dashboard for the data run", "report", str(data_dir))
