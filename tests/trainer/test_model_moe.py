@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from trainer.config import ModelConfig, MoEConfig
+from trainer.launch import free_port
 from trainer.model import GPT, SwitchFFN
 
 D_MODEL, D_FF = 16, 32
@@ -183,12 +183,6 @@ def test_gpt_with_moe_reports_losses_and_stats():
     assert model.transformer.h[1].mlp.router.weight.grad.abs().sum() > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sharded_worker(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -225,7 +219,7 @@ def _sharded_worker(rank: int, world: int, port: int) -> None:
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_expert_parallel_matches_single_process():
-    mp.spawn(_sharded_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 @pytest.mark.parametrize("bias", [True, False])
