@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from trainer.config import ModelConfig, MoEConfig  # noqa: E402
+from trainer.malloc import keep_freed_memory  # noqa: E402
 from trainer.model import GPT, SwitchFFN  # noqa: E402
 from trainer.model.hf import hf_config, load_hf_state_dict  # noqa: E402
 
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["gpt", "moe", "all"], default="all")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--default-malloc", action="store_true", help="time without trainer.malloc's setting")
     parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "EXPERTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -194,9 +196,13 @@ def main() -> None:
         impl, experts = args.memory_case
         print(json.dumps({"peak_bytes": measure_peak_memory(impl, int(experts))}))
         return
+    # The trainer keeps freed heap memory on CPU (trainer/malloc.py); the timed runs do the same for
+    # both implementations, in one process. --default-malloc times glibc's default behaviour.
+    malloc = "glibc default" if args.default_malloc else (
+        "freed memory kept, as the trainer does on CPU" if keep_freed_memory() else "glibc default (no mallopt)")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} interleaved repeats after warm-up; "
-          f"load average at start {load} on {os.cpu_count()} CPUs\n")
+          f"allocator: {malloc}; load average at start {load} on {os.cpu_count()} CPUs\n")
     if args.part in ("gpt", "all"):
         print(f"GPT training step: {GPT_SHAPE['n_layer']} layers, d_model {GPT_SHAPE['d_model']}, "
               f"{GPT_SHAPE['n_head']} heads, batch {BATCH} x seq {SEQ}, vocab {GPT_SHAPE['vocab_size']}, fp32, AdamW")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from deepspeed.accelerator import get_accelerator
 
 from trainer import checkpoint
 from trainer.config import RunConfig
@@ -25,6 +26,7 @@ from trainer.data import TrainLoader, load_manifest
 from trainer.engine import build_engine, expert_parallel_group, init_distributed, shutdown_distributed
 from trainer.errors import TrainError
 from trainer.launch import check_parallel
+from trainer.malloc import keep_freed_memory
 from trainer.metrics import MetricsLogger, flops_for, moe_fields, progress_line
 from trainer.schedule import accumulation_at, lr_at
 from trainer.stability import SpikeMonitor
@@ -262,6 +264,8 @@ def train(run_dir: Path) -> int:
     cfg = read_config(run_dir)
     init_distributed()
     setup_logging(dist.get_rank())
+    if get_accelerator().device_name() == "cpu":
+        keep_freed_memory()  # big CPU buffers are reused across steps instead of page-faulted in afresh
     trainer = None
     try:
         trainer = Trainer(cfg, run_dir)

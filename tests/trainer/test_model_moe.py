@@ -222,29 +222,42 @@ def test_expert_parallel_matches_single_process():
     mp.spawn(_sharded_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
+@pytest.mark.parametrize("group_rows", [1, 8, 512])  # one expert per group, two, all of them
 @pytest.mark.parametrize("bias", [True, False])
-def test_expert_mlp_matches_plain_autograd(bias):
+def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
     from trainer.model.moe import ExpertMLP
 
+    monkeypatch.setattr(ExpertMLP, "GROUP_ROWS", group_rows)
     torch.manual_seed(0)
-    num_experts, capacity, d, ff = 5, 3, 8, 4  # chunks of 5*8 // (4*4) = 2 experts: the last is ragged
-    shapes = [(num_experts, capacity, d), (num_experts, d, ff), (num_experts, 1, ff) if bias else None,
-              (num_experts, ff, d), (num_experts, 1, d) if bias else None]
+    ep, local, capacity, d, ff, m = 2, 3, 4, 8, 5, 10
+    # Ragged kept rows per (source rank, local expert): full, partial, and empty blocks; local
+    # expert 2 gets no tokens from any rank, so its gradients must be exactly 0.
+    rows = [[4, 1, 0], [2, 0, 0]]
+    shapes = [(m, d), (local, d, ff), (local, 1, ff) if bias else None,
+              (local, ff, d), (local, 1, d) if bias else None]
     inputs = [None if s is None else torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
-    x, w_fc, b_fc, w_proj, b_proj = inputs
-    grad_out = torch.randn(num_experts, capacity, d, dtype=torch.float64)
+    source, w_fc, b_fc, w_proj, b_proj = inputs
+    index = torch.randint(0, m, (ep * local * capacity,))  # slots read source rows, some twice
+    kept = (torch.arange(capacity) < torch.tensor(rows).unsqueeze(-1)).unsqueeze(-1)  # [ep, local, C, 1]
+    # SwitchFFN never reads a padding slot's output with a non-zero weight, so their gradient is 0.
+    grad_out = torch.randn(ep, local, capacity, d, dtype=torch.float64) * kept
 
-    ExpertMLP.apply(*inputs).backward(grad_out)
+    out = ExpertMLP.apply(source, index, rows, w_fc, b_fc, w_proj, b_proj)
+    out.backward(grad_out.clone())  # ExpertMLP uses the gradient it is given as scratch
     ours = [None if t is None else t.grad for t in inputs]
     for t in inputs:
         if t is not None:
             t.grad = None
+    x = source[index].view(ep, local, capacity, d)
     h = F.gelu(x @ w_fc + (b_fc if bias else 0), approximate="tanh")
-    (h @ w_proj + (b_proj if bias else 0)).backward(grad_out)
+    reference = h @ w_proj + (b_proj if bias else 0)
+    reference.backward(grad_out)
+    torch.testing.assert_close(out * kept, reference.detach() * kept)
     for mine, t in zip(ours, inputs):
         if t is not None:
             torch.testing.assert_close(mine, t.grad)
+    assert ours[1][2].abs().max() == 0 and ours[3][2].abs().max() == 0
     with pytest.raises(RuntimeError, match="retain_graph"):
-        out = ExpertMLP.apply(*inputs)
-        out.backward(grad_out, retain_graph=True)
-        out.backward(grad_out)
+        out = ExpertMLP.apply(source, index, rows, w_fc, b_fc, w_proj, b_proj)
+        out.backward(grad_out.clone(), retain_graph=True)
+        out.backward(grad_out.clone())
