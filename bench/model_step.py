@@ -10,7 +10,8 @@
     case in a fresh process with glibc's mmap threshold fixed so freed buffers leave RSS at once
     (peak = VmHWM after the step minus RSS before it; /proc/self/clear_refs resets VmHWM).
 
-    python bench/model_step.py [--part gpt|moe|all] [--repeats N] [--threads N]
+    python bench/model_step.py [--part gpt|moe|all] [--repeats N] [--threads N] [--default-malloc]
+    python bench/model_step.py --part moe --device cuda   # the Switch layer on a GPU (max_memory_allocated)
 """
 from __future__ import annotations
 
@@ -49,7 +50,13 @@ class Timing(NamedTuple):
     best: float
 
 
-def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, Timing]:
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                      device: str = "cpu") -> dict[str, Timing]:
     """Seconds per call of each step, run round-robin so machine noise hits all alike."""
     for step in steps.values():
         for _ in range(warmup):
@@ -57,8 +64,10 @@ def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            sync(device)
             start = time.perf_counter()
             step()
+            sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: Timing(statistics.median(t), min(t)) for name, t in times.items()}
 
@@ -103,20 +112,21 @@ def bench_gpt(repeats: int) -> list[str]:
     ]
 
 
-def init_single_process_group() -> None:
+def init_single_process_group(device: str) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():  # DeepSpeed's MoE asks the process group for its expert groups
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=0, world_size=1)
 
 
-def moe_step(impl: str, num_experts: int) -> tuple[Callable[[], None], nn.Module]:
+def moe_step(impl: str, num_experts: int, device: str = "cpu") -> tuple[Callable[[], None], nn.Module]:
     """One forward + backward of a layer on MOE_TOKENS tokens, loss = mean(y^2) + aux."""
     torch.manual_seed(0)
-    x = torch.randn(MOE_TOKENS, MOE_HIDDEN, requires_grad=True)
+    x = torch.randn(MOE_TOKENS, MOE_HIDDEN, device=device, requires_grad=True)
     if impl == "ours":
         layer = SwitchFFN(MOE_HIDDEN, MOE_FF, MoEConfig(num_experts=num_experts, capacity_factor=CAPACITY))
     else:
@@ -124,11 +134,12 @@ def moe_step(impl: str, num_experts: int) -> tuple[Callable[[], None], nn.Module
         from deepspeed.moe.layer import MoE
 
         deepspeed.utils.logging.logger.setLevel("WARNING")
-        init_single_process_group()
+        init_single_process_group(device)
         expert = nn.Sequential(nn.Linear(MOE_HIDDEN, MOE_FF), nn.GELU(approximate="tanh"),
                                nn.Linear(MOE_FF, MOE_HIDDEN))
         layer = MoE(MOE_HIDDEN, expert, num_experts=num_experts, ep_size=1, k=1,
                     capacity_factor=CAPACITY, use_rts=False)
+    layer.to(device)
 
     def step() -> None:
         layer.zero_grad(set_to_none=True)
@@ -169,17 +180,37 @@ def peak_memory_in_subprocess(impl: str, num_experts: int, threads: int) -> int:
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
 
 
-def bench_moe(repeats: int, threads: int) -> list[str]:
+def cuda_peak_memory(impl: str, num_experts: int) -> int:
+    """Peak allocated bytes one step adds over the weights, gradients included (max_memory_allocated)."""
+    step, layer = moe_step(impl, num_experts, "cuda")
+    step()
+    layer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def bench_moe(repeats: int, threads: int, device: str = "cpu") -> list[str]:
     rows = ["| experts | ours ms (median / best) | DeepSpeed ms (median / best) | speed ratio DS/ours (median / best) "
             "| ours peak MiB | DeepSpeed peak MiB | memory ratio DS/ours |", "|---|---|---|---|---|---|---|"]
     for e in EXPERT_COUNTS:
-        t = interleaved_times({impl: moe_step(impl, e)[0] for impl in ("ours", "deepspeed")}, repeats)
-        mem = {impl: peak_memory_in_subprocess(impl, e, threads) for impl in ("ours", "deepspeed")}
+        t = interleaved_times({impl: moe_step(impl, e, device)[0] for impl in ("ours", "deepspeed")}, repeats,
+                              device=device)
+        if device == "cuda":
+            mem = {impl: cuda_peak_memory(impl, e) for impl in ("ours", "deepspeed")}
+        else:
+            mem = {impl: peak_memory_in_subprocess(impl, e, threads) for impl in ("ours", "deepspeed")}
         ours, ds = t["ours"], t["deepspeed"]
-        rows.append(f"| {e} | {ours.median * 1e3:.0f} / {ours.best * 1e3:.0f} | {ds.median * 1e3:.0f} / "
-                    f"{ds.best * 1e3:.0f} | {ds.median / ours.median:.2f} / {ds.best / ours.best:.2f} | "
+        unit = 1e6 if device == "cuda" else 1e3  # microseconds on a GPU, milliseconds on CPU
+        rows.append(f"| {e} | {ours.median * unit:.0f} / {ours.best * unit:.0f} | {ds.median * unit:.0f} / "
+                    f"{ds.best * unit:.0f} | {ds.median / ours.median:.2f} / {ds.best / ours.best:.2f} | "
                     f"{mem['ours'] / 2**20:.1f} | {mem['deepspeed'] / 2**20:.1f} | "
                     f"{mem['deepspeed'] / mem['ours']:.2f} |")
+    if device == "cuda":
+        rows[0] = rows[0].replace(" ms ", " us ")
     return rows
 
 
@@ -188,6 +219,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["gpt", "moe", "all"], default="all")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the Switch layer part only")
     parser.add_argument("--default-malloc", action="store_true", help="time without trainer.malloc's setting")
     parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "EXPERTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,7 +242,7 @@ def main() -> None:
     if args.part in ("moe", "all"):
         print(f"Switch layer forward+backward: top-1, capacity factor {CAPACITY}, hidden {MOE_HIDDEN}, "
               f"expert d_ff {MOE_FF}, {MOE_TOKENS} tokens")
-        print("\n".join(bench_moe(args.repeats, args.threads)))
+        print("\n".join(bench_moe(args.repeats, args.threads, args.device)))
 
 
 if __name__ == "__main__":

@@ -43,12 +43,17 @@ def read_config(run_dir: Path) -> RunConfig:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    state = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():  # dropout and router jitter draw on the GPU's generator
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, *rest = state["numpy"]
@@ -145,6 +150,7 @@ class Trainer:
         return accum
 
     def _micro_step(self, batch: torch.Tensor):
+        batch = batch.to(self.engine.device, non_blocking=True)  # the loader yields CPU tensors
         out = self.engine(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
         loss = out.loss
         if self.step + 1 == self.cfg.train.inject_nonfinite_step:
@@ -165,11 +171,12 @@ class Trainer:
                 self.sample_log.write(json.dumps({"step": self.step + 1, "sha1": hashlib.sha1(
                     batch.numpy().tobytes()).hexdigest()}) + "\n")
             loss, out = self._micro_step(batch)
-            losses += torch.stack([loss, out.ce_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float()
+            # Step statistics live on the CPU (one small copy per micro-batch on a GPU).
+            losses += torch.stack([loss, out.ce_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float().cpu()
             if out.moe:
                 moe_stats = out.moe
-                c = torch.stack([s.expert_counts.detach().float() for s in out.moe])
-                d = torch.stack([s.dropped_frac.detach().float() for s in out.moe])
+                c = torch.stack([s.expert_counts.detach().float() for s in out.moe]).cpu()
+                d = torch.stack([s.dropped_frac.detach().float() for s in out.moe]).cpu()
                 counts, dropped = (c, d) if counts is None else (counts + c, dropped + d)
         return self._reduce(losses / accum, counts, dropped, moe_stats, accum, lr)
 
@@ -177,8 +184,9 @@ class Trainer:
         """One all-reduce per step: losses, the stop flag, and MoE statistics from every rank."""
         flags = torch.tensor([float(self.stop_requested)])
         parts = [losses / self.world, flags] + ([counts.flatten(), dropped / (accum * self.world)] if counts is not None else [])
-        packed = torch.cat(parts)
+        packed = torch.cat(parts).to(self.engine.device)  # NCCL reduces GPU tensors only
         dist.all_reduce(packed)
+        packed = packed.cpu()
         loss, ce, aux, z = packed[:4].tolist()
         self.stop_requested = packed[4].item() > 0
         self.step += 1
