@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 from trainer.config import ModelConfig
-from trainer.model.counting import flops_per_token, memory_per_gpu, param_counts
+from trainer.model.counting import (DEEPSPEED_BUCKET_ELEMENTS, comm_bucket_elements, flops_per_token, memory_per_gpu,
+                                    param_counts)
 
 Precision = Literal["bf16", "fp16", "fp32"]
 GB = 1e9
 # Kept free on every GPU for the CUDA context, allocator fragmentation and NCCL: plans fill 90%.
 RESERVED_FRACTION = 0.10
-# DeepSpeed's default reduce / all-reduce bucket (elements): a flat copy of that many gradients.
-COMM_BUCKET_ELEMENTS = 5e8
 # GPT-3 Table 2.1 batch sizes (tokens) by total parameters, used when the config has no train section.
 GPT3_BATCH_TOKENS = ((1e9, 0.5e6), (5e9, 1e6), (50e9, 2e6), (float("inf"), 3.2e6))
 
@@ -136,8 +135,10 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, seq_len: int, precision: P
     if cfg.moe is not None and layout.ep_size > 1:
         all_to_all = 2 * cfg.moe.capacity_factor * tokens * cfg.d_model * a
     buffers = 0.0
-    if layout.dp_size > 1:
-        buffers = min(COMM_BUCKET_ELEMENTS, states.weights / a) * a
+    if layout.zero_stage in (1, 2):  # the flat fp32 gradient bucket, allocated even on one rank
+        buffers = comm_bucket_elements(cfg) * 4
+    elif layout.dp_size > 1:
+        buffers = min(DEEPSPEED_BUCKET_ELEMENTS, states.weights / a) * a
     if layout.zero_stage == 3:
         buffers += 2 * largest_layer_params(cfg) * a  # the current layer and the prefetched one
     return Memory(weights=states.weights, grads=states.grads, optimizer=states.optimizer,

@@ -27,6 +27,7 @@ from torch import nn
 
 from trainer.config import RunConfig
 from trainer.launch import free_port
+from trainer.model.counting import comm_bucket_elements
 
 
 def init_distributed() -> None:
@@ -61,12 +62,14 @@ def expert_parallel_group(ep_size: int) -> Optional[dist.ProcessGroup]:
 
 def ds_config(cfg: RunConfig, world: int, accum: int) -> dict:
     t, precision = cfg.train, cfg.train.precision
+    bucket = comm_bucket_elements(cfg.model)  # cluster/plan.py counts the same buffer
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.micro_batch_size * accum * world,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": bucket,
+                              "allgather_bucket_size": bucket},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # Our AdamW is torch's; DeepSpeed's fused Adam would need a JIT build on every fresh machine.

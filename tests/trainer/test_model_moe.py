@@ -227,7 +227,7 @@ def test_expert_parallel_matches_single_process():
 def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
     from trainer.model.moe import ExpertMLP
 
-    monkeypatch.setattr(ExpertMLP, "GROUP_ROWS", group_rows)
+    monkeypatch.setattr(ExpertMLP, "GROUP_ROWS", {"cpu": group_rows})
     torch.manual_seed(0)
     ep, local, capacity, d, ff, m = 2, 3, 4, 8, 5, 10
     # Ragged kept rows per (source rank, local expert): full, partial, and empty blocks; local

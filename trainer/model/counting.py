@@ -101,3 +101,18 @@ def memory_per_gpu(cfg: ModelConfig, zero_stage: int, dp_size: int, ep_size: int
         grads += params * g_bytes / (shards if zero_stage >= 2 else 1)
         optimizer += params * o_bytes / (shards if zero_stage >= 1 else 1)
     return MemoryEstimate(weights=weights, grads=grads, optimizer=optimizer, total=weights + grads + optimizer)
+
+
+# DeepSpeed's default reduce / all-gather bucket, in elements.
+DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
+
+
+def comm_bucket_elements(cfg: ModelConfig) -> int:
+    """Gradient bucket size the trainer gives DeepSpeed: its default, capped at the model's size.
+
+    ZeRO-1/2 allocate a flat [bucket] gradient buffer up front (contiguous_gradients), even on one
+    rank, so DeepSpeed's 5e8-element default costs 2 GB of fp32 for any model; a bucket larger
+    than all the gradients buys nothing. Rounded up to a multiple of 1M elements.
+    """
+    total = param_counts(cfg).total
+    return int(min(DEEPSPEED_BUCKET_ELEMENTS, -(-total // 1_000_000) * 1_000_000))

@@ -115,7 +115,7 @@ class ExpertMLP(torch.autograd.Function):
         index = index.view(ep, local, -1)
         ctx.save_for_backward(index, w_fc, b_fc, w_proj, b_proj)
         ctx.source_shape = source.shape
-        ctx.groups = ExpertMLP.groups(rows, capacity=index.shape[2])
+        ctx.groups = ExpertMLP.groups(rows, capacity=index.shape[2], device=source.device.type)
         out = source.new_zeros(*index.shape, d_out)
         ctx.activations = []  # (input rows, pre-activation) per group: on ctx so backward can free them
         with torch.autocast(source.device.type, enabled=False):
@@ -149,8 +149,8 @@ class ExpertMLP(torch.autograd.Function):
                 _bmm_into(grads["w_proj"][experts], F.gelu(pre, approximate="tanh").transpose(1, 2), g, first)
                 if grads["b_proj"] is not None:
                     _sum_into(grads["b_proj"][experts], g, first)
-                grad_pre = torch.ops.aten.gelu_backward(torch.bmm(g, w_proj[experts].transpose(1, 2)), pre,
-                                                        approximate="tanh")
+                grad_pre = torch.bmm(g, w_proj[experts].transpose(1, 2))
+                torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, approximate="tanh", grad_input=grad_pre)
                 del pre
                 _bmm_into(grads["w_fc"][experts], rows_in.transpose(1, 2), grad_pre, first)
                 del rows_in
@@ -165,13 +165,13 @@ class ExpertMLP(torch.autograd.Function):
         return grad_source, None, None, grads["w_fc"], grads["b_fc"], grads["w_proj"], grads["b_proj"]
 
     @staticmethod
-    def groups(rows: list[list[int]], capacity: int) -> list[tuple[int, slice, int]]:
+    def groups(rows: list[list[int]], capacity: int, device: str = "cpu") -> list[tuple[int, slice, int]]:
         """(source rank, local experts, rows to compute) per group; groups with no tokens are left out.
 
-        A group spans about GROUP_ROWS slots (at least one expert) and computes up to the largest
-        kept count among its experts.
+        A group spans about GROUP_ROWS[device] slots (at least one expert) and computes up to the
+        largest kept count among its experts.
         """
-        step = max(1, ExpertMLP.GROUP_ROWS // capacity)
+        step = max(1, ExpertMLP.GROUP_ROWS.get(device, ExpertMLP.GROUP_ROWS["cpu"]) // capacity)
         groups = []
         for r, kept in enumerate(rows):
             for j in range(0, len(kept), step):
@@ -180,10 +180,11 @@ class ExpertMLP(torch.autograd.Function):
                     groups.append((r, slice(j, min(j + step, len(kept))), k))
         return groups
 
-    # Slots per group: enough rows that a group's bmm runs at full speed on small experts (of 128,
-    # 256 and 512 measured on the benchmark shapes, 512 was fastest), few enough that its
-    # [rows, d_ff] activation stays small (2 MiB at d_ff 1024 in fp32).
-    GROUP_ROWS = 512
+    # Slots per group. CPU: enough rows that a group's bmm runs at full speed on small experts (of
+    # 128, 256 and 512 measured on the benchmark shapes, 512 was fastest), few enough that its
+    # [rows, d_ff] activation stays small (2 MiB at d_ff 1024 in fp32). GPU: kernel launches, not
+    # FLOPs, dominate small layers, so far fewer, larger groups (one for the benchmark's 2,560 slots).
+    GROUP_ROWS = {"cpu": 512, "cuda": 8192}
 
 
 class SwitchFFN(nn.Module):
