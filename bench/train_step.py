@@ -106,11 +106,13 @@ def run_interleaved(data: Path, steps: int, workdir: Path) -> dict:
     from trainer.engine import init_distributed, shutdown_distributed
     from trainer.launch import prepare_run_dir
     from trainer.main import Trainer
+    from trainer.malloc import keep_freed_memory
 
     sets = [*COMMON, "model.attention=dense", f"train.max_steps={steps}", f"data.path={data}"]
     cfg = load_run_config(REPO / "configs/train/tiny-gpt-cpu.yaml", sets)
     run_dir = prepare_run_dir(cfg, workdir / "interleaved", 1)
     init_distributed()
+    keep_freed_memory()  # as trainer.main.train does on CPU; the HF loop in this process gets it too
     trainer = Trainer(cfg, run_dir)
     hf_step, same_batches = hf_step_fn(cfg.model), batches(data, steps)
     ours, hf = [], []
