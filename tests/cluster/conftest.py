@@ -48,6 +48,13 @@ def own_processes(marker: str) -> list[psutil.Process]:
 
 def stop_ray(temp_dir: str) -> None:
     procs = own_processes(temp_dir)
+    # Ray's agents rename themselves (ray::DashboardAgent, ...), so the temp dir is no longer on
+    # their command line: take every descendant too, or they linger for minutes using CPU.
+    for p in list(procs):
+        try:
+            procs.extend(c for c in p.children(recursive=True) if c not in procs)
+        except psutil.NoSuchProcess:
+            pass
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)

@@ -1,5 +1,6 @@
 """kill -9 in the middle of `pretrain data run`, rerun: the same manifest and shard bytes as
 an uninterrupted run, with in-process Ray and with a `ray start --head` cluster."""
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -55,10 +57,18 @@ def data_run(config: Path, out: Path, *extra: str) -> subprocess.Popen:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
+    """kill -9 the process group, and any descendant that left it (Ray's agents may)."""
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     proc.wait(timeout=60)
 
 
