@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from trainer.config import ModelConfig, MoEConfig  # noqa: E402
+from trainer.launch import free_port  # noqa: E402
 from trainer.malloc import keep_freed_memory  # noqa: E402
 from trainer.model import GPT, SwitchFFN  # noqa: E402
 from trainer.model.hf import hf_config, load_hf_state_dict  # noqa: E402
@@ -116,10 +116,7 @@ def init_single_process_group(device: str) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():  # DeepSpeed's MoE asks the process group for its expert groups
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1)
 
 
