@@ -2,9 +2,11 @@
 real component (wandb, Ray, DeepSpeed's JIT cache) local and offline."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,3 +30,30 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def ray_processes() -> dict[int, psutil.Process]:
+    """Ray's processes on this machine, by pid (agents rename themselves ray::...)."""
+    found = {}
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if (proc.info["name"] or "").startswith("ray::") or any(
+                s in cmd for s in ("ray.util.client.server", "raylet", "gcs_server", "/ray/")):
+            found[proc.pid] = proc
+    return found
+
+
+def kill_ray_started_since(before: set[int]) -> None:
+    for pid, proc in ray_processes().items():
+        if pid not in before:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_ray_left_behind_by_the_session():
+    """ray.shutdown() and killed drivers can leave Ray's client proxy or agents running for
+    minutes (re-parented, some using CPU): stop whatever Ray processes the test session started."""
+    before = set(ray_processes())
+    yield
+    kill_ray_started_since(before)

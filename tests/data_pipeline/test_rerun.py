@@ -14,6 +14,8 @@ import psutil
 import pytest
 import yaml
 
+from tests.conftest import kill_ray_started_since, ray_processes
+
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,26 +74,13 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def ray_processes() -> dict[int, psutil.Process]:
-    found = {}
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if (proc.info["name"] or "").startswith("ray::") or any(
-                s in cmd for s in ("ray.util.client.server", "raylet", "gcs_server", "/ray/")):
-            found[proc.pid] = proc
-    return found
-
-
 @pytest.fixture(autouse=True)
 def no_ray_left_behind():
     """A run killed with -9 cannot stop the local Ray it started, and some of Ray's processes
     (agents, the client proxy) leave its process group: stop the ones this test started."""
     before = set(ray_processes())
     yield
-    for pid, proc in ray_processes().items():
-        if pid not in before:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
+    kill_ray_started_since(before)
 
 
 def run_and_kill(config: Path, out: Path, *extra: str) -> None:
