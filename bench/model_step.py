@@ -5,7 +5,8 @@
     same optimizer, loss computed the same way), interleaved repeats after warm-up, median and best.
 (b) Switch layer forward + backward: our SwitchFFN against deepspeed.moe.layer.MoE (top-1,
     capacity factor 1.25, no random token selection so both keep tokens in order, same expert
-    MLP), median and best time of interleaved repeats, and the peak resident memory one step adds
+    MLP), median and best time of interleaved repeats, the median of the per-round ratios
+    ("paired": each round times both back to back), and the peak resident memory one step adds
     over the weights (its fresh gradients included, the same size for both), each
     case in a fresh process with glibc's mmap threshold fixed so freed buffers leave RSS at once
     (peak = VmHWM after the step minus RSS before it; /proc/self/clear_refs resets VmHWM).
@@ -48,6 +49,13 @@ EXPERT_COUNTS = (8, 32, 128)
 class Timing(NamedTuple):
     median: float
     best: float
+    samples: list[float]  # seconds per call, one per round, in round order
+
+
+def paired_ratio(slow: Timing, fast: Timing) -> float:
+    """Median over rounds of slow/fast timed back to back in the same round: machine drift between
+    rounds (this shared 2-core VM's speed wanders by up to 1.5x over a minute) cancels out."""
+    return statistics.median(a / b for a, b in zip(slow.samples, fast.samples))
 
 
 def sync(device: str) -> None:
@@ -69,7 +77,7 @@ def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup
             step()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: Timing(statistics.median(t), min(t)) for name, t in times.items()}
+    return {name: Timing(statistics.median(t), min(t), t) for name, t in times.items()}
 
 
 def gpt_steps() -> dict[str, Callable[[], None]]:
@@ -191,8 +199,8 @@ def cuda_peak_memory(impl: str, num_experts: int) -> int:
 
 
 def bench_moe(repeats: int, threads: int, device: str = "cpu") -> list[str]:
-    rows = ["| experts | ours ms (median / best) | DeepSpeed ms (median / best) | speed ratio DS/ours (median / best) "
-            "| ours peak MiB | DeepSpeed peak MiB | memory ratio DS/ours |", "|---|---|---|---|---|---|---|"]
+    rows = ["| experts | ours ms (median / best) | DeepSpeed ms (median / best) | speed ratio DS/ours (median / best "
+            "/ paired) | ours peak MiB | DeepSpeed peak MiB | memory ratio DS/ours |", "|---|---|---|---|---|---|---|"]
     for e in EXPERT_COUNTS:
         t = interleaved_times({impl: moe_step(impl, e, device)[0] for impl in ("ours", "deepspeed")}, repeats,
                               device=device)
@@ -203,7 +211,8 @@ def bench_moe(repeats: int, threads: int, device: str = "cpu") -> list[str]:
         ours, ds = t["ours"], t["deepspeed"]
         unit = 1e6 if device == "cuda" else 1e3  # microseconds on a GPU, milliseconds on CPU
         rows.append(f"| {e} | {ours.median * unit:.0f} / {ours.best * unit:.0f} | {ds.median * unit:.0f} / "
-                    f"{ds.best * unit:.0f} | {ds.median / ours.median:.2f} / {ds.best / ours.best:.2f} | "
+                    f"{ds.best * unit:.0f} | {ds.median / ours.median:.2f} / {ds.best / ours.best:.2f} / "
+                    f"{paired_ratio(ds, ours):.2f} | "
                     f"{mem['ours'] / 2**20:.1f} | {mem['deepspeed'] / 2**20:.1f} | "
                     f"{mem['deepspeed'] / mem['ours']:.2f} |")
     if device == "cuda":

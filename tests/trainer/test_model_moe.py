@@ -44,7 +44,7 @@ def reference_switch(layer: SwitchFFN, x: torch.Tensor, capacity_factor: float):
             continue
         filled[e] += 1
         h = F.gelu(tokens[t] @ layer.w_fc[e] + layer.b_fc[e, 0], approximate="tanh")
-        y[t] = probs[t, e] * (h @ layer.w_proj[e] + layer.b_proj[e, 0])
+        y[t] = probs[t, e] * (h @ layer.w_proj[e].T + layer.b_proj[e, 0])
     counts = torch.bincount(probs.argmax(-1), minlength=num_experts)
     return y.view(x.shape), counts, dropped / n
 
@@ -234,7 +234,7 @@ def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
     # expert 2 gets no tokens from any rank, so its gradients must be exactly 0.
     rows = [[4, 1, 0], [2, 0, 0]]
     shapes = [(m, d), (local, d, ff), (local, 1, ff) if bias else None,
-              (local, ff, d), (local, 1, d) if bias else None]
+              (local, d, ff), (local, 1, d) if bias else None]
     inputs = [None if s is None else torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
     source, w_fc, b_fc, w_proj, b_proj = inputs
     index = torch.randint(0, m, (ep * local * capacity,))  # slots read source rows, some twice
@@ -250,7 +250,7 @@ def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
             t.grad = None
     x = source[index].view(ep, local, capacity, d)
     h = F.gelu(x @ w_fc + (b_fc if bias else 0), approximate="tanh")
-    reference = h @ w_proj + (b_proj if bias else 0)
+    reference = h @ w_proj.transpose(1, 2) + (b_proj if bias else 0)
     reference.backward(grad_out)
     torch.testing.assert_close(out * kept, reference.detach() * kept)
     for mine, t in zip(ours, inputs):
@@ -261,3 +261,21 @@ def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
         out = ExpertMLP.apply(source, index, rows, w_fc, b_fc, w_proj, b_proj)
         out.backward(grad_out.clone(), retain_graph=True)
         out.backward(grad_out.clone())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_expert_gelu_matches_atens_tanh_gelu(dtype):
+    """ExpertMLP's GELU (x * sigmoid(2u) on CPU in fp32/fp64, ATen's fused kernels otherwise) is
+    GPT-2's tanh GELU, and its backward is ATen's gelu_backward."""
+    from trainer.model.moe import _gelu, _gelu_backward_
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 64, dtype=torch.float64) * 4).to(dtype)  # tails where the gate saturates
+    grad = torch.randn_like(x)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
+           torch.bfloat16: dict(rtol=0, atol=0)}[dtype]
+    torch.testing.assert_close(_gelu(x), F.gelu(x, approximate="tanh"), **tol)
+    ours = grad.clone()
+    act = _gelu_backward_(ours, x)
+    torch.testing.assert_close(act, F.gelu(x, approximate="tanh"), **tol)
+    torch.testing.assert_close(ours, torch.ops.aten.gelu_backward(grad, x, approximate="tanh"), **tol)

@@ -69,6 +69,46 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     return out if bias is None else out.add_(bias)  # measured faster than baddbmm's broadcast bias on CPU
 
 
+# tanh-GELU (GPT-2's) written as x * sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3): the same
+# function, since (1 + tanh u) / 2 = sigmoid(2u). Why by hand: on CPU ATen's vectorised tanh is 3.5x
+# slower than its sigmoid (1.08 vs 0.30 ms on 512k floats), and the backward gets the activation and
+# its derivative from one sigmoid instead of two tanh passes: 0.88 ms against 2.3 per [25, 20, 1024]
+# group. On a GPU the fused kernels (F.gelu, gelu_backward) are faster than these few passes, and in
+# 16-bit dtypes they are more accurate (they compute in float32 inside; the passes would round each step).
+_GELU_K, _GELU_B = 2 * math.sqrt(2 / math.pi), 0.044715
+
+
+def _fused_gelu(x: torch.Tensor) -> bool:
+    return x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+
+
+def _gelu_gate(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(2u), so that gelu(x) = x * gate."""
+    return x.square().mul_(_GELU_K * _GELU_B).add_(_GELU_K).mul_(x).sigmoid_()
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    if _fused_gelu(x):
+        return F.gelu(x, approximate="tanh")
+    return _gelu_gate(x).mul_(x)
+
+
+def _gelu_backward_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad *= gelu'(x), in place; returns gelu(x), which the backward needs for w_proj's gradient.
+
+    gelu'(x) = s + x s (1 - s) 2u'(x) with s = sigmoid(2u), 2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    """
+    if _fused_gelu(x):
+        torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="tanh", grad_input=grad)
+        return F.gelu(x, approximate="tanh")
+    gate = _gelu_gate(x)
+    act = gate * x
+    q = x.square().mul_(3 * _GELU_K * _GELU_B).add_(_GELU_K).mul_(act)  # x s 2u'
+    q.addcmul_(q, gate, value=-1).add_(gate)  # q (1 - s) + s
+    grad.mul_(q)
+    return act
+
+
 def _bmm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
     if first:
         torch.bmm(a, b, out=dst)
@@ -84,7 +124,11 @@ def _sum_into(dst: torch.Tensor, rows: torch.Tensor, first: bool) -> None:
 
 
 class ExpertMLP(torch.autograd.Function):
-    """gelu(x @ w_fc + b_fc) @ w_proj + b_proj for each expert, on its kept tokens only.
+    """gelu(x @ w_fc + b_fc) @ w_proj^T + b_proj for each expert, on its kept tokens only.
+
+    Both weights are stored [E_local, d_model, d_ff] (w_proj as nn.Linear stores an [out, in]
+    weight): on CPU that layout runs w_proj's three products about 15% faster than [E, d_ff, d_model]
+    (its backward product is then a plain, not a transposed, matmul); w_fc's is fastest as it is.
 
     The input is gathered: slot s of the slot layout [ep, E_local, C] reads row index[s] of
     `source` [m, d]. Block [r, j] holds source rank r's tokens for local expert j in its first
@@ -111,7 +155,7 @@ class ExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, source, index, rows, w_fc, b_fc, w_proj, b_proj):
-        ep, local, d_out = len(rows), w_fc.shape[0], w_proj.shape[2]
+        ep, local, d_out = len(rows), w_fc.shape[0], w_proj.shape[1]
         index = index.view(ep, local, -1)
         ctx.save_for_backward(index, w_fc, b_fc, w_proj, b_proj)
         ctx.source_shape = source.shape
@@ -122,7 +166,7 @@ class ExpertMLP(torch.autograd.Function):
             for r, experts, k in ctx.groups:
                 rows_in = source.index_select(0, index[r, experts, :k].flatten()).view(-1, k, source.shape[1])
                 pre = _affine(rows_in, w_fc[experts], _rows(b_fc, experts))
-                out[r, experts, :k] = _affine(F.gelu(pre, approximate="tanh"), w_proj[experts], _rows(b_proj, experts))
+                out[r, experts, :k] = _affine(_gelu(pre), w_proj[experts].transpose(1, 2), _rows(b_proj, experts))
                 ctx.activations.append((rows_in, pre))
         return out
 
@@ -146,12 +190,15 @@ class ExpertMLP(torch.autograd.Function):
                 g = grad_out[r, experts, :k]
                 first = not written[experts].any()
                 written[experts] = True
-                _bmm_into(grads["w_proj"][experts], F.gelu(pre, approximate="tanh").transpose(1, 2), g, first)
+                # The GELU passes run right after the bmm that writes grad_pre, while it and pre are
+                # still in cache (a weight-gradient bmm in between streams the group's weights through).
+                grad_pre = torch.bmm(g, w_proj[experts])
+                act = _gelu_backward_(grad_pre, pre)
+                del pre
+                _bmm_into(grads["w_proj"][experts], g.transpose(1, 2), act, first)
+                del act
                 if grads["b_proj"] is not None:
                     _sum_into(grads["b_proj"][experts], g, first)
-                grad_pre = torch.bmm(g, w_proj[experts].transpose(1, 2))
-                torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, approximate="tanh", grad_input=grad_pre)
-                del pre
                 _bmm_into(grads["w_fc"][experts], rows_in.transpose(1, 2), grad_pre, first)
                 del rows_in
                 if grads["b_fc"] is not None:
@@ -203,9 +250,10 @@ class SwitchFFN(nn.Module):
         self.init_std = init_std
         self.out_init_std = out_init_std if out_init_std is not None else init_std
         self.router = nn.Linear(d_model, moe_cfg.num_experts, bias=False)
-        # Expert weights stacked [E_local, in, out] so all experts run as one bmm.
+        # Expert weights stacked [E_local, d_model, d_ff] so experts run as batched matmuls (the
+        # layout that is fastest on CPU, see ExpertMLP); the layer computes gelu(x @ w_fc) @ w_proj^T.
         self.w_fc = nn.Parameter(torch.empty(local, d_model, d_ff))
-        self.w_proj = nn.Parameter(torch.empty(local, d_ff, d_model))
+        self.w_proj = nn.Parameter(torch.empty(local, d_model, d_ff))
         self.b_fc = nn.Parameter(torch.empty(local, 1, d_ff)) if bias else None
         self.b_proj = nn.Parameter(torch.empty(local, 1, d_model)) if bias else None
         for p in self.expert_parameters():
