@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export WANDB_MODE ?= offline
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# Options for the demo, e.g. DEMO_ARGS="--out runs/demo2 --steps 50" (`python -m cluster.demo --help`).
+DEMO_ARGS ?=
 
 .PHONY: setup demo test test-quick bench system-deps clean
 
@@ -25,7 +27,7 @@ system-deps:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
 
 demo: $(STAMP)
-	$(BIN)/python -m cluster.demo
+	$(BIN)/python -m cluster.demo $(DEMO_ARGS)
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q --timeout=900 tests

@@ -28,6 +28,9 @@ def stage(title: str, *args: str) -> None:
     code = subprocess.call([sys.executable, "-m", "cluster.cli", *args], cwd=REPO)
     if code != 0:
         console.print(f"[red]demo stopped: `pretrain {args[0]}` exited with {code}")
+        if code == 2:  # a refusal with its reason printed above, e.g. a run dir from an older version
+            console.print("a rerun resumes what is in the output folder; `python -m cluster.demo --out NEW_DIR` "
+                          "(or `make demo DEMO_ARGS=\"--out NEW_DIR\"`) starts afresh")
         sys.exit(code)
     console.print(f"[green]done in {time.monotonic() - start:.0f} s")
 

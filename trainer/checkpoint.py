@@ -139,12 +139,64 @@ def load(engine, path: Path) -> dict:
     if meta["world_size"] != dist.get_world_size() or not state_file.is_file():
         raise TrainError(f"{path} was written by {meta['world_size']} processes, this run has "
                          f"{dist.get_world_size()}: resume with the same --nproc")
+    check_resumable(engine, path)
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise TrainError(f"{path}: DeepSpeed could not load this checkpoint")
     if engine.has_moe_layers:
         restore_local_experts(engine, path)
     return json.loads(state_file.read_text())
+
+
+def _old_w_proj(name: str, saved: torch.Size, expected: torch.Size) -> bool:
+    """A Switch w_proj written before 2026-11-27, stored [experts, d_ff, d_model] (now [experts, d_model, d_ff])."""
+    return (name.endswith(".w_proj") and len(saved) == 3 and saved != expected
+            and tuple(saved) == (expected[0], expected[2], expected[1]))
+
+
+def shape_problems(expected: dict[str, torch.Size], saved: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps `saved` from loading into a model with these parameter shapes, one line per key."""
+    problems = [f"{name} missing from the checkpoint" for name in expected if name not in saved]
+    problems += [f"{name} is not in this model" for name in saved if name not in expected]
+    for name, shape in expected.items():
+        if name in saved and tuple(saved[name].shape) != tuple(shape):
+            old = " (Switch w_proj in the layout before 2026-11-27)" if _old_w_proj(name, saved[name].shape, shape) else ""
+            problems.append(f"{name} has shape {list(saved[name].shape)}{old}, this model {list(shape)}")
+    return problems
+
+
+def check_resumable(engine, path: Path) -> None:
+    """Refuses, with the mismatched keys named, a checkpoint whose weights do not fit this run's model
+    (a changed model config, or a checkpoint from an older layout), before DeepSpeed tries to load it."""
+    _, ep_rank = _expert_shard_writer(engine)
+    weights = path / f"model-ep{ep_rank}.pt"
+    if not weights.is_file():
+        raise TrainError(f"{path}: {weights.name} is missing, so this checkpoint cannot be resumed")
+    saved = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    expected = {name: getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions p; ds_shape is its whole shape
+                for name, p in engine.module.named_parameters(remove_duplicate=False)}
+    problems = shape_problems(expected, saved)
+    if not problems:
+        return
+    hint = ("`pretrain eval` and `pretrain export` still read it (they convert the old layout), but its "
+            "optimizer state cannot be converted: start a new --run-dir"
+            if any("before 2026-11-27" in line for line in problems) else
+            "resume with the model config this run was started with, or start a new --run-dir")
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    raise TrainError(f"{path} does not fit this run's model: {shown}. {hint}")
+
+
+def fit_to_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """`state` (from consolidate) ready for model.load_state_dict: Switch w_proj weights saved in the
+    layout before 2026-11-27 are transposed; any other mismatch is refused with the keys named."""
+    expected = dict(model.state_dict())
+    state = {name: t.transpose(1, 2).contiguous() if name in expected and _old_w_proj(name, t.shape, expected[name].shape)
+             else t for name, t in state.items()}
+    problems = shape_problems({name: t.shape for name, t in expected.items()}, state)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise TrainError(f"{source}: the weights do not fit the model its config.yaml describes: {shown}")
+    return state
 
 
 @torch.no_grad()

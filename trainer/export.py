@@ -19,7 +19,7 @@ def load_model(path: str | Path):
     step_dir = checkpoint.resolve(path)
     cfg = RunConfig.model_validate(yaml.safe_load((step_dir / "config.yaml").read_text()))
     model = GPT(cfg.model)
-    model.load_state_dict(checkpoint.consolidate(step_dir), strict=True)
+    model.load_state_dict(checkpoint.fit_to_model(model, checkpoint.consolidate(step_dir), step_dir), strict=True)
     return model.eval(), cfg, step_dir
 
 

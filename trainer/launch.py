@@ -61,8 +61,10 @@ def launch(run_dir: Path, nproc: int) -> int:
         from trainer.main import train
 
         return train(run_dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+    cmd = [sys.executable, "-m", "trainer.torchrun", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "trainer.main", str(run_dir)]
     repo = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    # torchrun would set 1 thread per process, with a banner; share the cores out instead (1 on 2 cores x 2 ranks).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(cmd, env=env)

@@ -1,12 +1,18 @@
 import json
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
+import pytest
 import torch
 
-from tests.trainer.conftest import REPO, child_env, launch_cmd, make_run, read_metrics, run_training
+from tests.trainer.conftest import (REPO, child_env, free_port, launch_cmd, make_run, read_metrics, run_training,
+                                    train_in_process)
 from trainer import checkpoint
+from trainer.config import ModelConfig, MoEConfig
+from trainer.errors import TrainError
 
 
 def test_latest_points_at_a_complete_checkpoint_and_old_ones_are_pruned(dense_run):
@@ -56,3 +62,48 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, shard_dir):
     assert stopped_at < 6 and (run / "checkpoints" / "latest").read_text() == f"step-{stopped_at}"
     result = run_training(run)
     assert f"resumed from" in result.stderr and max(read_metrics(run)) == 6
+
+
+def test_old_switch_w_proj_layout_is_converted_for_eval_and_export(tmp_path):
+    """Checkpoints from before 2026-11-27 hold Switch w_proj as [E, d_ff, d_model]; eval and export
+    (checkpoint.fit_to_model) transpose it. Any other mismatch is refused with the key named."""
+    from trainer.model import GPT
+
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=16, vocab_size=100, n_ctx=32, moe=MoEConfig(num_experts=4)))
+    state = model.state_dict()
+    old = {k: v.transpose(1, 2).clone() if k.endswith(".w_proj") else v for k, v in state.items()}
+    assert old["transformer.h.1.mlp.w_proj"].shape == (4, 64, 16)
+    fitted = checkpoint.fit_to_model(model, old, tmp_path)
+    assert all(torch.equal(fitted[k], v) for k, v in state.items())
+    bad = {**state, "transformer.h.0.mlp.c_fc.weight": torch.zeros(32, 16)}
+    del bad["transformer.ln_f.bias"]
+    with pytest.raises(TrainError, match=r"c_fc.weight has shape \[32, 16\], this model \[64, 16\]") as err:
+        checkpoint.fit_to_model(model, bad, tmp_path)
+    assert "transformer.ln_f.bias missing" in str(err.value)
+
+
+def test_resume_refuses_weights_that_do_not_fit_the_model(dense_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(dense_run, run)
+    step = checkpoint.newest_valid(run / "checkpoints")
+    weights = torch.load(step / "model-ep0.pt", weights_only=True)
+    weights["transformer.h.0.mlp.c_fc.weight"] = weights["transformer.h.0.mlp.c_fc.weight"][:-1].clone()
+    torch.save(weights, step / "model-ep0.pt")
+    with pytest.raises(TrainError, match=r"step-30 does not fit this run's model: transformer.h.0.mlp.c_fc.weight "
+                                         r"has shape \[\d+, \d+\]"):
+        train_in_process(run)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_multiprocess_user_error_exits_2_without_a_launcher_traceback(dense_run, tmp_path):
+    """trainer.torchrun (what `pretrain train --nproc N` runs): ranks print the error, the launcher adds no
+    traceback of its own and exits 2. Here: a 1-process run (global batch = micro batch) resumed by 2 processes."""
+    run = tmp_path / "run"
+    shutil.copytree(dense_run, run)
+    cmd = [sys.executable, "-m", "trainer.torchrun", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "trainer.main", str(run)]
+    proc = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("error: train.global_batch_size: 4 != train.micro_batch_size (4)") == 2  # each rank
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
