@@ -91,8 +91,10 @@ def full_fp32_state(engine) -> dict[str, torch.Tensor]:
                     full = p.detach()
             by_param[id(p)] = full.detach().float().cpu().clone()
         out[name] = by_param[id(p)]
+    persistent = engine.module.state_dict().keys()  # not a table the model rebuilds from its config
     for name, b in engine.module.named_buffers():
-        out[name] = b.detach().cpu().clone()
+        if name in persistent:
+            out[name] = b.detach().cpu().clone()
     return out
 
 
@@ -172,7 +174,9 @@ def check_resumable(engine, path: Path) -> None:
     weights = path / f"model-ep{ep_rank}.pt"
     if not weights.is_file():
         raise TrainError(f"{path}: {weights.name} is missing, so this checkpoint cannot be resumed")
-    saved = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    buffers = {name for name, _ in engine.module.named_buffers()}  # follow from the config, checked already
+    saved = {name: t for name, t in torch.load(weights, map_location="cpu", weights_only=True, mmap=True).items()
+             if name not in buffers}
     expected = {name: getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions p; ds_shape is its whole shape
                 for name, p in engine.module.named_parameters(remove_duplicate=False)}
     problems = shape_problems(expected, saved)
@@ -190,8 +194,9 @@ def fit_to_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     """`state` (from consolidate) ready for model.load_state_dict: Switch w_proj weights saved in the
     layout before 2026-11-27 are transposed; any other mismatch is refused with the keys named."""
     expected = dict(model.state_dict())
+    rebuilt = {name for name, _ in model.named_buffers()} - expected.keys()  # non-persistent (e.g. sinusoidal table)
     state = {name: t.transpose(1, 2).contiguous() if name in expected and _old_w_proj(name, t.shape, expected[name].shape)
-             else t for name, t in state.items()}
+             else t for name, t in state.items() if name not in rebuilt}
     problems = shape_problems({name: t.shape for name, t in expected.items()}, state)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")

@@ -80,6 +80,10 @@ def test_old_switch_w_proj_layout_is_converted_for_eval_and_export(tmp_path):
     with pytest.raises(TrainError, match=r"c_fc.weight has shape \[32, 16\], this model \[64, 16\]") as err:
         checkpoint.fit_to_model(model, bad, tmp_path)
     assert "transformer.ln_f.bias missing" in str(err.value)
+    # Checkpoints also held non-persistent buffers (a sinusoidal table the model rebuilds): ignored.
+    sinusoidal = GPT(ModelConfig(n_layer=2, n_head=2, d_model=16, vocab_size=100, n_ctx=32, pos_embedding="sinusoidal"))
+    saved = {**sinusoidal.state_dict(), "pos_table": sinusoidal.pos_table.clone()}
+    sinusoidal.load_state_dict(checkpoint.fit_to_model(sinusoidal, saved, tmp_path), strict=True)
 
 
 def test_resume_refuses_weights_that_do_not_fit_the_model(dense_run, tmp_path):
