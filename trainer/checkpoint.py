@@ -167,6 +167,10 @@ def shape_problems(expected: dict[str, torch.Size], saved: dict[str, torch.Tenso
     return problems
 
 
+def _first_few(problems: list[str]) -> str:
+    return "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+
+
 def check_resumable(engine, path: Path) -> None:
     """Refuses, with the mismatched keys named, a checkpoint whose weights do not fit this run's model
     (a changed model config, or a checkpoint from an older layout), before DeepSpeed tries to load it."""
@@ -186,8 +190,7 @@ def check_resumable(engine, path: Path) -> None:
             "optimizer state cannot be converted: start a new --run-dir"
             if any("before 2026-11-27" in line for line in problems) else
             "resume with the model config this run was started with, or start a new --run-dir")
-    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-    raise TrainError(f"{path} does not fit this run's model: {shown}. {hint}")
+    raise TrainError(f"{path} does not fit this run's model: {_first_few(problems)}. {hint}")
 
 
 def fit_to_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
@@ -199,8 +202,8 @@ def fit_to_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
              else t for name, t in state.items() if name not in rebuilt}
     problems = shape_problems({name: t.shape for name, t in expected.items()}, state)
     if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise TrainError(f"{source}: the weights do not fit the model its config.yaml describes: {shown}")
+        raise TrainError(f"{source}: the weights do not fit the model its config.yaml describes: "
+                         f"{_first_few(problems)}")
     return state
 
 
