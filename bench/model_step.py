@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from trainer.config import ModelConfig, MoEConfig  # noqa: E402
-from trainer.launch import free_port  # noqa: E402
+from trainer.distributed import free_port  # noqa: E402
 from trainer.malloc import keep_freed_memory  # noqa: E402
 from trainer.model import GPT, SwitchFFN  # noqa: E402
 from trainer.model.hf import hf_config, load_hf_state_dict  # noqa: E402

@@ -103,7 +103,7 @@ def run_interleaved(data: Path, steps: int, workdir: Path) -> dict:
     """Our full training step (loader, DeepSpeed ZeRO-0 engine, metrics reduction) and the HF loop's step
     alternate in one process on the same batches, so load from other processes hits both alike."""
     from cluster.configio import load_run_config
-    from trainer.engine import init_distributed, shutdown_distributed
+    from trainer.distributed import init_distributed, shutdown_distributed
     from trainer.launch import prepare_run_dir
     from trainer.main import Trainer
     from trainer.malloc import keep_freed_memory

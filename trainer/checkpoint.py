@@ -150,20 +150,13 @@ def load(engine, path: Path) -> dict:
     return json.loads(state_file.read_text())
 
 
-def _old_w_proj(name: str, saved: torch.Size, expected: torch.Size) -> bool:
-    """A Switch w_proj written before 2026-11-27, stored [experts, d_ff, d_model] (now [experts, d_model, d_ff])."""
-    return (name.endswith(".w_proj") and len(saved) == 3 and saved != expected
-            and tuple(saved) == (expected[0], expected[2], expected[1]))
-
-
 def shape_problems(expected: dict[str, torch.Size], saved: dict[str, torch.Tensor]) -> list[str]:
     """What keeps `saved` from loading into a model with these parameter shapes, one line per key."""
     problems = [f"{name} missing from the checkpoint" for name in expected if name not in saved]
     problems += [f"{name} is not in this model" for name in saved if name not in expected]
     for name, shape in expected.items():
         if name in saved and tuple(saved[name].shape) != tuple(shape):
-            old = " (Switch w_proj in the layout before 2026-11-27)" if _old_w_proj(name, saved[name].shape, shape) else ""
-            problems.append(f"{name} has shape {list(saved[name].shape)}{old}, this model {list(shape)}")
+            problems.append(f"{name} has shape {list(saved[name].shape)}, this model {list(shape)}")
     return problems
 
 
@@ -186,20 +179,15 @@ def check_resumable(engine, path: Path) -> None:
     problems = shape_problems(expected, saved)
     if not problems:
         return
-    hint = ("`pretrain eval` and `pretrain export` still read it (they convert the old layout), but its "
-            "optimizer state cannot be converted: start a new --run-dir"
-            if any("before 2026-11-27" in line for line in problems) else
-            "resume with the model config this run was started with, or start a new --run-dir")
-    raise TrainError(f"{path} does not fit this run's model: {_first_few(problems)}. {hint}")
+    raise TrainError(f"{path} does not fit this run's model: {_first_few(problems)}. Resume with the model config "
+                     "this run was started with, or start a new --run-dir")
 
 
 def fit_to_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    """`state` (from consolidate) ready for model.load_state_dict: Switch w_proj weights saved in the
-    layout before 2026-11-27 are transposed; any other mismatch is refused with the keys named."""
+    """`state` (from consolidate) ready for model.load_state_dict; a mismatch is refused with the keys named."""
     expected = dict(model.state_dict())
     rebuilt = {name for name, _ in model.named_buffers()} - expected.keys()  # non-persistent (e.g. sinusoidal table)
-    state = {name: t.transpose(1, 2).contiguous() if name in expected and _old_w_proj(name, t.shape, expected[name].shape)
-             else t for name, t in state.items() if name not in rebuilt}
+    state = {name: t for name, t in state.items() if name not in rebuilt}
     problems = shape_problems({name: t.shape for name, t in expected.items()}, state)
     if problems:
         raise TrainError(f"{source}: the weights do not fit the model its config.yaml describes: "

@@ -18,7 +18,7 @@ import torch
 
 from trainer.data import heldout_batches, load_manifest
 from trainer.errors import TrainError
-from trainer.export import load_model
+from trainer.pretrained import load_pretrained
 
 
 def load_tokenizer(manifest_tokenizer: dict, path: Optional[str]):
@@ -100,7 +100,7 @@ def few_shot_accuracy(model, enc, examples: list[tuple[str, str]], shots: int, n
 
 def evaluate(path: str | Path, tokenizer: Optional[str] = None, max_batches: int = 20, n_examples: int = 50,
              shots: tuple[int, ...] = (0, 1, 5), seed: int = 0) -> dict:
-    model, cfg, step_dir = load_model(path)
+    model, cfg, step_dir = load_pretrained(path)
     manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
     batches = heldout_batches(manifest, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.data.heldout_percent,
                               max_batches)

@@ -5,22 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
-from trainer import checkpoint
-from trainer.config import RunConfig
 from trainer.errors import TrainError
-
-
-def load_model(path: str | Path):
-    """(model in eval mode with the checkpoint's consolidated fp32 weights, run config, step dir)."""
-    from trainer.model.gpt import GPT
-
-    step_dir = checkpoint.resolve(path)
-    cfg = RunConfig.model_validate(yaml.safe_load((step_dir / "config.yaml").read_text()))
-    model = GPT(cfg.model)
-    model.load_state_dict(checkpoint.fit_to_model(model, checkpoint.consolidate(step_dir), step_dir), strict=True)
-    return model.eval(), cfg, step_dir
+from trainer.pretrained import load_pretrained
 
 
 def export_hf(path: str | Path, out_dir: str | Path) -> Path:
@@ -28,7 +15,7 @@ def export_hf(path: str | Path, out_dir: str | Path) -> Path:
 
     from trainer.model.hf import hf_config, to_hf_state_dict
 
-    model, cfg, step_dir = load_model(path)
+    model, cfg, step_dir = load_pretrained(path)
     try:
         config = hf_config(cfg.model)
     except ValueError as e:

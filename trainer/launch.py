@@ -4,7 +4,6 @@ the cluster tools' job)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +12,8 @@ import torch
 import yaml
 
 from trainer.config import RunConfig
+from trainer.distributed import free_port
 from trainer.errors import TrainError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_parallel(cfg: RunConfig, world: int) -> int:

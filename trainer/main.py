@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -23,8 +24,10 @@ from deepspeed.accelerator import get_accelerator
 from trainer import checkpoint
 from trainer.config import RunConfig
 from trainer.data import TrainLoader, load_manifest
-from trainer.engine import build_engine, expert_parallel_group, init_distributed, shutdown_distributed
+from trainer.distributed import init_distributed, shutdown_distributed
+from trainer.engine import build_engine
 from trainer.errors import TrainError
+from trainer.logs import setup_logging, stdout_to_log
 from trainer.launch import check_parallel
 from trainer.malloc import keep_freed_memory
 from trainer.metrics import MetricsLogger, flops_for, moe_fields, progress_line
@@ -60,14 +63,11 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
-def build_model(cfg: RunConfig, rank: int, ep_group):
+def build_model(cfg: RunConfig, rank: int):
     from trainer.model.gpt import GPT
 
-    # Seeded by expert-parallel rank: each rank initialises different experts; the dense weights
-    # of ranks > 0 are replaced by rank 0's when DeepSpeed broadcasts them.
-    ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
-    torch.manual_seed(cfg.train.seed + 7919 * ep_rank)
-    model = GPT(cfg.model, ep_group=ep_group)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank; the engine shards the experts
+    model = GPT(cfg.model)
     torch.manual_seed(cfg.train.seed + 104729 * (rank + 1))  # training randomness (jitter, dropout) per rank
     random.seed(cfg.train.seed + rank)
     np.random.seed(cfg.train.seed + rank)
@@ -81,8 +81,7 @@ class Trainer:
         self.full_accum = check_parallel(cfg, self.world)
         self.ckpt_root = run_dir / "checkpoints"
         self.config_yaml = (run_dir / "config.yaml").read_text()
-        ep_group = expert_parallel_group(cfg.parallel.ep_size) if cfg.model.moe is not None else None
-        model = build_model(cfg, self.rank, ep_group)
+        model = build_model(cfg, self.rank)
         self.engine = build_engine(cfg, model, self.world, self.full_accum)
         self.manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
         self.step, self.tokens, self.skipped, self.rollbacks = 0, 0, 0, {}
@@ -260,18 +259,12 @@ class Trainer:
             self.sample_log.close()
 
 
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def train(run_dir: Path) -> int:
     """Train in this process (rank and world from the launcher's environment, or 0 of 1)."""
     cfg = read_config(run_dir)
-    init_distributed()
-    setup_logging(dist.get_rank())
+    setup_logging(int(os.environ.get("RANK", "0")), run_dir)
+    with stdout_to_log("deepspeed"):
+        init_distributed()
     if get_accelerator().device_name() == "cpu":
         keep_freed_memory()  # big CPU buffers are reused across steps instead of page-faulted in afresh
     trainer = None

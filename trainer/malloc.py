@@ -1,18 +1,10 @@
 """Keep freed heap memory in the process on CPU, so a training step does not page-fault its buffers in again.
 
-glibc serves every allocation over 32 MiB (for instance a 128-expert layer's 134 MB weight
-gradient) with a fresh mmap and unmaps it on free. The next step then takes a page fault per
-4 KiB while it writes the buffer; measured here, a fresh 268 MB buffer costs ~110 ms to fill
-against ~20 ms for a reused one, more than the matmuls that write it. Turning mmap off and
-raising the trim threshold makes glibc reuse freed memory from its heap instead. This is the
-same effect the jemalloc/tcmalloc setups recommended for PyTorch on CPU give, without a
-preloaded library. Only for CPU training: CUDA memory has its own caching allocator.
-
-The cost: the process keeps up to TRIM_THRESHOLD of freed heap resident, and the heap needs a
-step or two to settle (tests/trainer/test_malloc.py: a 64-expert layer's steps go from ~35,000
-page faults each to ~0 from the second step). PyTorch's THP_MEM_ALLOC_ENABLE (huge pages for big
-buffers) was measured as the alternative: 184 ms against 155 ms per 128-expert layer step, with
-occasional 0.7 s stalls.
+glibc serves every allocation over 32 MiB (a 128-expert layer's weight gradient) with a fresh mmap
+and unmaps it on free, so the next step pays a page fault per 4 KiB it writes. Turning mmap off and
+raising the trim threshold makes glibc reuse freed memory from its heap, as jemalloc/tcmalloc setups
+do, without a preloaded library (figures and the alternatives tried: docs/benchmarks.md). CPU only:
+CUDA memory has its own caching allocator.
 """
 from __future__ import annotations
 

@@ -87,7 +87,8 @@ class MetricsLogger:
         return wandb.init(project=os.environ.get("WANDB_PROJECT", lc.wandb_project),
                           entity=os.environ.get("WANDB_ENTITY", lc.wandb_entity), name=lc.run_name or run_dir.name,
                           dir=str(run_dir), mode=mode, config=cfg.model_dump(mode="json"),
-                          resume="allow" if resumed else None, id=_wandb_id(run_dir))
+                          resume="allow" if resumed else None, id=_wandb_id(run_dir),
+                          settings=wandb.Settings(quiet=True))  # its banner and summary stay in RUN/wandb
 
     def log(self, record: dict, step_seconds: float, step_tokens: int) -> dict:
         tps = step_tokens / step_seconds if step_seconds > 0 else 0.0

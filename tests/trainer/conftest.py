@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import bz2
 import hashlib
-import io
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from trainer.launch import free_port  # noqa: F401  (re-exported for the tests)
+from trainer.distributed import free_port  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"

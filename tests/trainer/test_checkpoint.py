@@ -41,11 +41,11 @@ def test_consolidation_concatenates_expert_shards(tmp_path):
     (step / checkpoint.COMPLETE).write_text("{}")
     dense = torch.ones(3)
     for ep in (0, 1):
-        torch.save({"transformer.h.1.mlp.w_fc": torch.full((2, 4, 8), float(ep)), "lm_head.weight": dense},
+        torch.save({"transformer.h.1.mlp.experts.w_fc": torch.full((2, 4, 8), float(ep)), "lm_head.weight": dense},
                    step / f"model-ep{ep}.pt")
     merged = checkpoint.consolidate(step)
-    assert merged["transformer.h.1.mlp.w_fc"].shape == (4, 4, 8)
-    assert merged["transformer.h.1.mlp.w_fc"][2:].eq(1).all() and torch.equal(merged["lm_head.weight"], dense)
+    assert merged["transformer.h.1.mlp.experts.w_fc"].shape == (4, 4, 8)
+    assert merged["transformer.h.1.mlp.experts.w_fc"][2:].eq(1).all() and torch.equal(merged["lm_head.weight"], dense)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, shard_dir):
@@ -64,16 +64,13 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, shard_dir):
     assert f"resumed from" in result.stderr and max(read_metrics(run)) == 6
 
 
-def test_old_switch_w_proj_layout_is_converted_for_eval_and_export(tmp_path):
-    """Checkpoints from before 2026-11-27 hold Switch w_proj as [E, d_ff, d_model]; eval and export
-    (checkpoint.fit_to_model) transpose it. Any other mismatch is refused with the key named."""
+def test_weights_that_do_not_fit_are_named_for_eval_and_export(tmp_path):
+    """checkpoint.fit_to_model refuses any mismatch with the key named."""
     from trainer.model import GPT
 
     model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=16, vocab_size=100, n_ctx=32, moe=MoEConfig(num_experts=4)))
     state = model.state_dict()
-    old = {k: v.transpose(1, 2).clone() if k.endswith(".w_proj") else v for k, v in state.items()}
-    assert old["transformer.h.1.mlp.w_proj"].shape == (4, 64, 16)
-    fitted = checkpoint.fit_to_model(model, old, tmp_path)
+    fitted = checkpoint.fit_to_model(model, state, tmp_path)
     assert all(torch.equal(fitted[k], v) for k, v in state.items())
     bad = {**state, "transformer.h.0.mlp.c_fc.weight": torch.zeros(32, 16)}
     del bad["transformer.ln_f.bias"]

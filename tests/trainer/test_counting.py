@@ -9,6 +9,7 @@ import yaml
 from trainer.config import ModelConfig, MoEConfig
 from trainer.model import GPT
 from trainer.model.counting import flops_per_token, memory_per_gpu, param_counts
+from trainer.model.experts import SwitchExperts
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 
@@ -32,13 +33,14 @@ def test_counts_equal_real_model(kw):
     cfg = ModelConfig(**SMALL, **kw)
     model = GPT(cfg)
     counts = param_counts(cfg)
-    expert = sum(p.numel() for p in model.parameters() if getattr(p, "expert", False))
+    expert_params = [p for m in model.modules() if isinstance(m, SwitchExperts) for p in m.parameters()]
+    expert = sum(p.numel() for p in expert_params)
     assert counts.total == model.num_params()
     assert counts.non_embedding == model.num_params(non_embedding=True)
     assert counts.embedding == counts.total - counts.non_embedding
     assert counts.expert == expert
     # Expert weights are stacked [E, ...]: one expert per MoE layer is numel / E of each.
-    one_expert_per_layer = sum(p.numel() // p.shape[0] for p in model.parameters() if getattr(p, "expert", False))
+    one_expert_per_layer = sum(p.numel() // p.shape[0] for p in expert_params)
     assert counts.active == counts.total - expert + one_expert_per_layer
 
 

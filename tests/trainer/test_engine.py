@@ -9,10 +9,12 @@ from trainer.errors import TrainError
 
 
 def test_param_groups_decay_matrices_only_and_isolate_experts(repo_root):
+    from trainer.expert_parallel import apply_expert_parallel
     from trainer.model.gpt import GPT
 
     cfg = ModelConfig(**yaml.safe_load((repo_root / "configs/model/tiny-switch.yaml").read_text()))
     model = GPT(cfg)
+    apply_expert_parallel(model, ep_size=1)  # marks the experts, as build_engine does
     groups = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     by_group = {(g["name"], g.get("moe", False)): [names[id(p)] for p in g["params"]] for g in groups}
@@ -71,7 +73,7 @@ def test_two_processes_train_and_checkpoint(tmp_path, shard_dir, model, zero, ep
         assert len(m[8]["expert_load"]) == 1 and len(m[8]["expert_load"][0]) == 4
         assert sorted(p.name for p in step.glob("model-ep*.pt")) == ["model-ep0.pt", "model-ep1.pt"]
         shards = [torch.load(step / f"model-ep{e}.pt", weights_only=True) for e in (0, 1)]
-        w = "transformer.h.1.mlp.w_fc"
+        w = "transformer.h.1.mlp.experts.w_fc"
         assert shards[0][w].shape[0] == 2 and not torch.equal(shards[0][w], shards[1][w])  # different experts
         assert torch.equal(shards[0]["transformer.h.0.attn.c_attn.weight"],
                            shards[1]["transformer.h.0.attn.c_attn.weight"])  # dense weights replicated

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from trainer.errors import TrainError
-from trainer.export import export_hf, load_model
+from trainer.export import export_hf
+from trainer.pretrained import load_pretrained
 
 
 def test_exported_transformers_model_gives_our_logits(dense_run, tmp_path):
@@ -10,7 +11,7 @@ def test_exported_transformers_model_gives_our_logits(dense_run, tmp_path):
 
     out = export_hf(dense_run, tmp_path / "hf")
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
-    ours, _, _ = load_model(dense_run)
+    ours, _, _ = load_pretrained(dense_run)
     x = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x).logits, rtol=1e-5, atol=1e-5)

@@ -14,16 +14,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from trainer.config import ModelConfig, MoEConfig
-from trainer.launch import free_port
+from trainer.distributed import free_port
+from trainer.expert_parallel import apply_expert_parallel, is_expert
 from trainer.model import GPT, SwitchFFN
 
 D_MODEL, D_FF = 16, 32
 
 
-def make_layer(num_experts=4, skew=0.0, seed=0, ep_group=None, **moe_kw) -> SwitchFFN:
+def make_layer(num_experts=4, skew=0.0, seed=0, **moe_kw) -> SwitchFFN:
     """A layer whose router prefers expert 0 by `skew`, so capacity is exceeded and tokens drop."""
     torch.manual_seed(seed)
-    layer = SwitchFFN(D_MODEL, D_FF, MoEConfig(num_experts=num_experts, **moe_kw), ep_group=ep_group)
+    layer = SwitchFFN(D_MODEL, D_FF, MoEConfig(num_experts=num_experts, **moe_kw))
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.05 * torch.randn_like(p))  # non-zero biases, visible expert outputs
@@ -43,8 +44,9 @@ def reference_switch(layer: SwitchFFN, x: torch.Tensor, capacity_factor: float):
             dropped += 1
             continue
         filled[e] += 1
-        h = F.gelu(tokens[t] @ layer.w_fc[e] + layer.b_fc[e, 0], approximate="tanh")
-        y[t] = probs[t, e] * (h @ layer.w_proj[e].T + layer.b_proj[e, 0])
+        experts = layer.experts
+        h = F.gelu(tokens[t] @ experts.w_fc[e] + experts.b_fc[e, 0], approximate="tanh")
+        y[t] = probs[t, e] * (h @ experts.w_proj[e].T + experts.b_proj[e, 0])
     counts = torch.bincount(probs.argmax(-1), minlength=num_experts)
     return y.view(x.shape), counts, dropped / n
 
@@ -103,7 +105,8 @@ def test_gradients_reach_router_and_experts():
     layer = make_layer()
     y, stats = layer(skewed_input())
     (y.square().sum() + stats.aux_loss + stats.z_loss).backward()
-    for p in (layer.router.weight, layer.w_fc, layer.w_proj, layer.b_fc, layer.b_proj):
+    experts = layer.experts
+    for p in (layer.router.weight, experts.w_fc, experts.w_proj, experts.b_fc, experts.b_proj):
         assert p.grad is not None and p.grad.abs().sum() > 0
     layer.zero_grad()
     layer(skewed_input())[0].sum().backward()  # through the gate probability alone
@@ -160,12 +163,12 @@ def test_dispatch_never_builds_tokens_x_experts_x_capacity():
 
 def test_expert_parameters_are_marked():
     layer = make_layer()
+    apply_expert_parallel(layer, ep_size=1)
     experts = {id(p) for p in layer.expert_parameters()}
     assert len(experts) == 4
     for p in layer.parameters():
-        is_expert = id(p) in experts
-        assert getattr(p, "expert", False) == is_expert
-        if is_expert:
+        assert is_expert(p) == (id(p) in experts)
+        if is_expert(p):
             assert p.allreduce is False and p.group_name == "ep_size_1"
 
 
@@ -188,12 +191,11 @@ def _sharded_worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         full = make_layer(capacity_factor=1.0)  # same seed on every rank: the same 4 experts
-        sharded = make_layer(capacity_factor=1.0, ep_group=dist.group.WORLD)
+        sharded = make_layer(capacity_factor=1.0)
+        apply_expert_parallel(sharded, ep_size=2, group=dist.group.WORLD)  # keeps this rank's 2 experts
         local = slice(2 * rank, 2 * rank + 2)
-        with torch.no_grad():
-            sharded.router.weight.copy_(full.router.weight)
-            for name in ("w_fc", "b_fc", "w_proj", "b_proj"):
-                getattr(sharded, name).copy_(getattr(full, name)[local])
+        for name in ("w_fc", "b_fc", "w_proj", "b_proj"):
+            assert torch.equal(getattr(sharded.experts, name), getattr(full.experts, name)[local])
         x = skewed_input(seed=10 + rank)  # each rank routes its own tokens
         outputs = []
         for layer in (full, sharded):
@@ -208,10 +210,10 @@ def _sharded_worker(rank: int, world: int, port: int) -> None:
         # A local expert processes every rank's tokens: its gradient is the sum over ranks of
         # the single-process gradients for that expert.
         for name in ("w_fc", "b_fc", "w_proj", "b_proj"):
-            summed = getattr(full, name).grad.clone()
+            summed = getattr(full.experts, name).grad.clone()
             dist.all_reduce(summed)
-            torch.testing.assert_close(getattr(sharded, name).grad, summed[local])
-        assert sharded.w_fc.group_name == "ep_size_2"
+            torch.testing.assert_close(getattr(sharded.experts, name).grad, summed[local])
+        assert sharded.experts.w_fc.group_name == "ep_size_2"
     finally:
         dist.destroy_process_group()
 
@@ -225,7 +227,7 @@ def test_expert_parallel_matches_single_process():
 @pytest.mark.parametrize("group_rows", [1, 8, 512])  # one expert per group, two, all of them
 @pytest.mark.parametrize("bias", [True, False])
 def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
-    from trainer.model.moe import ExpertMLP
+    from trainer.model.experts import ExpertMLP
 
     monkeypatch.setattr(ExpertMLP, "GROUP_ROWS", {"cpu": group_rows})
     torch.manual_seed(0)
@@ -267,7 +269,7 @@ def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
 def test_expert_gelu_matches_atens_tanh_gelu(dtype):
     """ExpertMLP's GELU (x * sigmoid(2u) on CPU in fp32/fp64, ATen's fused kernels otherwise) is
     GPT-2's tanh GELU, and its backward is ATen's gelu_backward."""
-    from trainer.model.moe import _gelu, _gelu_backward_
+    from trainer.model.experts import _gelu, _gelu_backward_
 
     torch.manual_seed(0)
     x = (torch.randn(3, 7, 64, dtype=torch.float64) * 4).to(dtype)  # tails where the gate saturates

@@ -4,7 +4,7 @@ Token embedding + learned (or sinusoidal) positions, pre-LayerNorm blocks, a fin
 LayerNorm and an LM head tied to the token embedding. GPT-3's alternating attention
 (`attention: alternating`) makes the odd layers locally banded. MoE configs replace every
 `moe.every`-th FFN with a top-1 Switch layer. Written for one device: the engine applies
-ZeRO; expert parallelism only needs the process group passed in.
+ZeRO and expert parallelism from outside.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,7 +53,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, ep_group: Optional[dist.ProcessGroup]):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         banded = cfg.attention == "alternating" and layer % 2 == 1
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
@@ -62,7 +61,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
-            self.mlp = SwitchFFN(cfg.d_model, cfg.expert_ff_width, cfg.moe, ep_group, layer=layer, bias=cfg.bias,
+            self.mlp = SwitchFFN(cfg.d_model, cfg.expert_ff_width, cfg.moe, layer=layer, bias=cfg.bias,
                                  init_std=cfg.init_std, out_init_std=residual_init_std(cfg))
         else:
             self.mlp = MLP(cfg)
@@ -80,7 +79,7 @@ def residual_init_std(cfg: ModelConfig) -> float:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, ep_group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         embeddings = dict(wte=nn.Embedding(cfg.vocab_size, cfg.d_model))
@@ -91,7 +90,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             **embeddings,
             drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg, i, ep_group) for i in range(cfg.n_layer)),
+            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias),
         ))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
