@@ -86,11 +86,10 @@ def _torch_step(run, device: str, accum: int):
 def _deepspeed_step(run, accum: int):
     """The trainer's own model construction and engine (trainer/main.py), one rank."""
     from trainer.distributed import init_distributed
-    from trainer.engine import build_engine
-    from trainer.main import build_model
+    from trainer.engine import build_engine, build_model
 
     init_distributed()
-    engine = build_engine(run, build_model(run, 0), 1, accum)
+    engine = build_engine(run, build_model(run, 1, accum), 1, accum)
 
     def step(x, y, last: bool) -> None:
         out = engine(x, y)  # held through backward, as trainer/main.py does

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -22,6 +23,7 @@ from torch import nn
 from trainer.config import RunConfig
 from trainer.distributed import expert_parallel_group
 from trainer.expert_parallel import apply_expert_parallel, is_expert
+from trainer.initialize import initialize
 from trainer.model.counting import comm_bucket_elements
 from trainer.model.moe import SwitchFFN
 
@@ -99,9 +101,43 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
+def build_model(cfg: RunConfig, world: int, accum: int) -> nn.Module:
+    """The model as this rank holds it, with layout-invariant initial weights (trainer/initialize.py).
+    No rank allocates more than its share: under ZeRO-3 each parameter is partitioned as it is created
+    (deepspeed.zero.Init); otherwise the model is built on the meta device, the experts are sharded
+    (expert parallelism), and only then is memory allocated."""
+    from trainer.model.gpt import GPT
+
+    device = get_accelerator().current_device_name()
+    if cfg.parallel.zero_stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, world, accum), remote_device=device):
+            model = GPT(cfg.model)
+    else:
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        if cfg.model.moe is not None:
+            apply_expert_parallel(model, cfg.parallel.ep_size, expert_parallel_group(cfg.parallel.ep_size))
+        materialize(model, device)
+    model.init_buffers()
+    initialize(model, cfg.train.seed)
+    return model
+
+
+def materialize(model: nn.Module, device: str) -> None:
+    """Allocates a model built on the meta device, keeping tied parameters tied (tensors are swapped in
+    place) and the attributes set on parameters (expert markers)."""
+    attributes = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    for name, p in model.named_parameters():
+        vars(p).update(attributes[name])
+
+
 def build_engine(cfg: RunConfig, model: nn.Module, world: int, accum: int) -> Engine:
-    if cfg.model.moe is not None:
-        apply_expert_parallel(model, cfg.parallel.ep_size, expert_parallel_group(cfg.parallel.ep_size))
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     t = cfg.train

@@ -41,7 +41,9 @@ def _all_to_all(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 def _keep_local(experts: SwitchExperts, rank: int, size: int) -> None:
     local = experts.num_experts // size
     for name, p in list(experts.named_parameters(recurse=False)):
-        setattr(experts, name, nn.Parameter(p.detach()[rank * local:(rank + 1) * local].clone()))
+        shard = nn.Parameter(p.detach()[rank * local:(rank + 1) * local].clone())  # free on the meta device
+        shard.flat_offset = rank * shard.numel()  # where it starts in the whole tensor (trainer.initialize)
+        setattr(experts, name, shard)
 
 
 def _dispatch(group: dist.ProcessGroup, size: int):

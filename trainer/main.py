@@ -25,7 +25,7 @@ from trainer import checkpoint
 from trainer.config import RunConfig
 from trainer.data import TrainLoader, load_manifest
 from trainer.distributed import init_distributed, shutdown_distributed
-from trainer.engine import build_engine
+from trainer.engine import build_engine, build_model
 from trainer.errors import TrainError
 from trainer.logs import setup_logging, stdout_to_log
 from trainer.launch import check_parallel
@@ -63,15 +63,11 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
-def build_model(cfg: RunConfig, rank: int):
-    from trainer.model.gpt import GPT
-
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank; the engine shards the experts
-    model = GPT(cfg.model)
-    torch.manual_seed(cfg.train.seed + 104729 * (rank + 1))  # training randomness (jitter, dropout) per rank
-    random.seed(cfg.train.seed + rank)
-    np.random.seed(cfg.train.seed + rank)
-    return model
+def seed_training_rngs(seed: int, rank: int) -> None:
+    """Training randomness (dropout, router jitter, loader workers) per rank; initial weights do not use these."""
+    torch.manual_seed(seed + 104729 * (rank + 1))
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
 
 
 class Trainer:
@@ -81,7 +77,8 @@ class Trainer:
         self.full_accum = check_parallel(cfg, self.world)
         self.ckpt_root = run_dir / "checkpoints"
         self.config_yaml = (run_dir / "config.yaml").read_text()
-        model = build_model(cfg, self.rank)
+        model = build_model(cfg, self.world, self.full_accum)
+        seed_training_rngs(cfg.train.seed, self.rank)
         self.engine = build_engine(cfg, model, self.world, self.full_accum)
         self.manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
         self.step, self.tokens, self.skipped, self.rollbacks = 0, 0, 0, {}

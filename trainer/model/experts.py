@@ -84,35 +84,32 @@ class ExpertMLP(torch.autograd.Function):
     gradient 0). Experts run in groups of consecutive experts, one bmm per group up to its largest
     kept count, so padding costs no FLOPs while small experts still share a batched matmul.
 
-    A Function for memory's sake: it keeps only each group's gathered input and pre-activation
-    (GELU is recomputed), frees them group by group in backward, and uses grad_out's rows as
-    scratch, so its backward runs once (no retain_graph).
+    A Function for memory's sake: it saves only each group's gathered input and pre-activation (GELU
+    is recomputed), and its backward uses grad_out's rows as scratch.
     """
 
     @staticmethod
     def forward(ctx, source, index, rows, w_fc, b_fc, w_proj, b_proj):
         ep, local, d_out = len(rows), w_fc.shape[0], w_proj.shape[1]
         index = index.view(ep, local, -1)
-        ctx.save_for_backward(index, w_fc, b_fc, w_proj, b_proj)
         ctx.source_shape = source.shape
         ctx.groups = ExpertMLP.groups(rows, capacity=index.shape[2], device=source.device.type)
         out = source.new_zeros(*index.shape, d_out)
-        ctx.activations = []  # (input rows, pre-activation) per group: on ctx so backward can free them
+        activations = []  # (input rows, pre-activation) per group
         with torch.autocast(source.device.type, enabled=False):
             for r, experts, k in ctx.groups:
                 rows_in = source.index_select(0, index[r, experts, :k].flatten()).view(-1, k, source.shape[1])
                 pre = _affine(rows_in, w_fc[experts], _rows(b_fc, experts))
                 out[r, experts, :k] = _affine(_gelu(pre), w_proj[experts].transpose(1, 2), _rows(b_proj, experts))
-                ctx.activations.append((rows_in, pre))
+                activations += [rows_in, pre]
+        # Through save_for_backward, so activation checkpointing can drop them and recompute.
+        ctx.save_for_backward(index, w_fc, b_fc, w_proj, b_proj, *activations)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        if ctx.activations is None:
-            raise RuntimeError("ExpertMLP frees its activations in backward: retain_graph is not supported")
-        index, w_fc, b_fc, w_proj, b_proj = ctx.saved_tensors
-        activations, ctx.activations = ctx.activations, None
+        index, w_fc, b_fc, w_proj, b_proj, *activations = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_source = grad_out.new_zeros(ctx.source_shape)
         # An expert's first group writes its weight gradients (out=), later groups add, experts without tokens get 0.
@@ -121,20 +118,18 @@ class ExpertMLP(torch.autograd.Function):
         written = torch.zeros(w_fc.shape[0], dtype=torch.bool)
         with torch.autocast(grad_out.device.type, enabled=False):
             for i, (r, experts, k) in enumerate(ctx.groups):
-                (rows_in, pre), activations[i] = activations[i], None
+                rows_in, pre = activations[2 * i], activations[2 * i + 1]
                 g = grad_out[r, experts, :k]
                 first = not written[experts].any()
                 written[experts] = True
                 # GELU's backward right after the bmm that writes grad_pre, while it is still in cache.
                 grad_pre = torch.bmm(g, w_proj[experts])
                 act = _gelu_backward_(grad_pre, pre)
-                del pre
                 _bmm_into(grads["w_proj"][experts], g.transpose(1, 2), act, first)
                 del act
                 if grads["b_proj"] is not None:
                     _sum_into(grads["b_proj"][experts], g, first)
                 _bmm_into(grads["w_fc"][experts], rows_in.transpose(1, 2), grad_pre, first)
-                del rows_in
                 if grads["b_fc"] is not None:
                     _sum_into(grads["b_fc"][experts], grad_pre, first)
                 torch.bmm(grad_pre, w_fc[experts].transpose(1, 2), out=g)  # g is used up: its rows are scratch
@@ -176,13 +171,6 @@ class SwitchExperts(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.w_fc.shape[0]
-
-    def reset_parameters(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w_fc, std=std)
-        nn.init.normal_(self.w_proj, std=out_std)
-        for b in (self.b_fc, self.b_proj):
-            if b is not None:
-                nn.init.zeros_(b)
 
     def forward(self, source: torch.Tensor, index: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
         """Slot [r, e, c] computes row index[r, e, c] of source [m, d]; rows[r][e] leading slots are kept."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.model.attention import CausalSelfAttention
-from trainer.model.moe import MoEStats, SwitchFFN
+from trainer.model.moe import MoEStats, SwitchFFN, draw_
 
 
 @dataclass
@@ -86,7 +86,7 @@ class GPT(nn.Module):
         if cfg.pos_embedding == "learned":
             embeddings["wpe"] = nn.Embedding(cfg.n_ctx, cfg.d_model)
         else:  # fixed table: a non-persistent buffer, so no parameters and nothing in checkpoints
-            self.register_buffer("pos_table", sinusoidal_positions(cfg.n_ctx, cfg.d_model), persistent=False)
+            self.register_buffer("pos_table", torch.empty(cfg.n_ctx, cfg.d_model), persistent=False)
         self.transformer = nn.ModuleDict(dict(
             **embeddings,
             drop=nn.Dropout(cfg.dropout),
@@ -95,18 +95,34 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, std=residual_init_std(cfg))
+        self.reset_parameters()
+        self.init_buffers()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, SwitchFFN):  # children come first in apply(), so this overrides its router init
-            module.reset_parameters()
+    def init_buffers(self) -> None:
+        """Tables rebuilt from the config (never saved); again after construction on the meta device."""
+        if self.cfg.pos_embedding == "sinusoidal":
+            self.pos_table = sinusoidal_positions(self.cfg.n_ctx, self.cfg.d_model).to(self.pos_table.device)
+
+    def init_rule(self, name: str) -> tuple[float, float]:
+        """(mean, std) parameter `name` starts from, GPT-2's scheme: N(0, init_std) for embeddings and
+        matrices, init_std / sqrt(2 n_layer) for projections into the residual stream; biases 0, norm
+        weights 1; a Switch layer's own rule for its router and experts."""
+        if name.startswith("transformer.h.") and ".mlp." in name:
+            block = self.transformer.h[int(name.split(".")[2])]
+            if block.is_moe:
+                return block.mlp.init_rule(name.split(".mlp.", 1)[1])
+        module_name, _, leaf = name.rpartition(".")
+        if isinstance(self.get_submodule(module_name), nn.LayerNorm):
+            return (1.0 if leaf == "weight" else 0.0), 0.0
+        if leaf == "bias":
+            return 0.0, 0.0
+        return 0.0, residual_init_std(self.cfg) if name.endswith("c_proj.weight") else self.cfg.init_std
+
+    def reset_parameters(self) -> None:
+        """Every parameter from its init_rule, drawn with torch's RNG. Training runs draw the same rule
+        layout-invariantly instead (trainer/initialize.py)."""
+        for name, p in self.named_parameters():
+            draw_(p, *self.init_rule(name))
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (the tied head counts once); non_embedding leaves out token and position tables."""

@@ -32,6 +32,15 @@ class MoEStats:
     z_loss: torch.Tensor  # mean(logsumexp(router logits)^2), unscaled, differentiable
 
 
+@torch.no_grad()
+def draw_(p: torch.Tensor, mean: float, std: float) -> None:
+    """p ~ N(mean, std) from torch's RNG, or the constant mean when std is 0."""
+    if std:
+        p.normal_(mean, std)
+    else:
+        p.fill_(mean)
+
+
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
     return math.ceil(num_tokens / num_experts * capacity_factor)
 
@@ -70,10 +79,16 @@ class SwitchFFN(nn.Module):
     def expert_parameters(self) -> list[nn.Parameter]:
         return list(self.experts.parameters())
 
+    def init_rule(self, name: str) -> tuple[float, float]:
+        """(mean, std) of this layer's parameter `name`: Switch scales the experts' init by expert_init_scale."""
+        if name.rsplit(".", 1)[-1] in ("b_fc", "b_proj"):
+            return 0.0, 0.0
+        std = self.out_init_std if name.endswith("w_proj") else self.init_std
+        return 0.0, std * (self.cfg.expert_init_scale if name.startswith("experts.") else 1.0)
+
     def reset_parameters(self) -> None:
-        scale = self.cfg.expert_init_scale
-        nn.init.normal_(self.router.weight, std=self.init_std)
-        self.experts.reset_parameters(std=self.init_std * scale, out_std=self.out_init_std * scale)
+        for name, p in self.named_parameters():
+            draw_(p, *self.init_rule(name))
 
     def router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """(n, E) logits in float32 whatever the input dtype or autocast: routing is precision-sensitive."""

@@ -1,0 +1,55 @@
+"""Layout-invariant initial weights.
+
+Element i of a parameter's flattened whole tensor is mean + std * z, where z comes from a generator
+keyed by (seed, the parameter's name, i // CHUNK) and (mean, std) from the model's `init_rule`. Each
+rank draws only the chunks its own part touches (a ZeRO-3 partition, its local experts, or the whole
+tensor), so the initial model is the same whatever the number of processes, ZeRO stage or ep_size,
+and no rank ever draws the whole model.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+CHUNK = 1 << 20
+
+
+def _generator(seed: int, name: str, chunk: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{name}/{chunk}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def standard_normal(seed: int, name: str, start: int, end: int) -> torch.Tensor:
+    """z for the flat elements [start, end) of parameter `name` (float32, on the CPU)."""
+    out = torch.empty(end - start)
+    for chunk in range(start // CHUNK, -(-end // CHUNK)):
+        z = torch.randn(CHUNK, generator=_generator(seed, name, chunk))
+        lo, hi = max(start, chunk * CHUNK), min(end, (chunk + 1) * CHUNK)
+        out[lo - start:hi - start] = z[lo - chunk * CHUNK:hi - chunk * CHUNK]
+    return out
+
+
+def local_part(p: nn.Parameter) -> tuple[torch.Tensor, int, int]:
+    """(this rank's storage of p as a flat tensor, the flat index of its first element in the whole
+    tensor, how many of its elements are real: a ZeRO-3 partition is zero-padded past the end)."""
+    if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3: the rank's flat partition
+        part = p.ds_tensor
+        start = part.ds_numel * dist.get_rank(group=p.ds_process_group)
+        return part, start, max(0, min(part.numel(), p.ds_numel - start))
+    return p.data.view(-1), getattr(p, "flat_offset", 0), p.numel()  # flat_offset: trainer.expert_parallel
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, seed: int) -> None:
+    """Writes every parameter's local part from `model.init_rule` and the seed."""
+    for name, p in model.named_parameters():
+        mean, std = model.init_rule(name)
+        target, start, real = local_part(p)
+        if std:
+            target[:real].copy_(standard_normal(seed, name, start, start + real).mul_(std).add_(mean))
+        else:
+            target[:real].fill_(mean)
+        target[real:].zero_()
