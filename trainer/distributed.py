@@ -56,3 +56,8 @@ def expert_parallel_group(ep_size: int) -> Optional[dist.ProcessGroup]:
 def expert_parallel_rank(ep_size: int) -> int:
     """This rank's place in its expert-parallel group: which E/ep_size experts it holds."""
     return groups._get_expert_parallel_rank(expert_group_name(ep_size)) if ep_size > 1 else 0
+
+
+def expert_data_parallel_rank(group_name: str) -> int:
+    """This rank's place among the ranks that hold the same experts (DeepSpeed's group of that name)."""
+    return groups._get_expert_data_parallel_rank(group_name)

@@ -76,6 +76,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.full_accum = check_parallel(cfg, self.world)
         self.ckpt_root = run_dir / "checkpoints"
+        self.layout = {"world_size": self.world, "zero_stage": cfg.parallel.zero_stage, "ep_size": cfg.parallel.ep_size}
         self.config_yaml = (run_dir / "config.yaml").read_text()
         model = build_model(cfg, self.world, self.full_accum)
         seed_training_rngs(cfg.train.seed, self.rank)
@@ -113,7 +114,7 @@ class Trainer:
             checkpoint.discard_incomplete(self.ckpt_root)
         if path is None:
             return None
-        state = checkpoint.load(self.engine, path)
+        state = checkpoint.load(self.engine, path, self.layout)
         self._restore(state)
         log.info("resumed from %s (step %d, %d tokens)", path, self.step, self.tokens)
         return state["data"]
@@ -131,7 +132,7 @@ class Trainer:
     def save(self) -> Path:
         c = self.cfg.checkpoint
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, self._state(), self.config_yaml,
-                               c.keep_last, c.pause_before_commit_s)
+                               c.keep_last, self.layout, c.pause_before_commit_s)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -216,7 +217,7 @@ class Trainer:
                              f"{self.cfg.train.loss_spike_factor}): lower train.lr or check the data")
         rollbacks = {**self.rollbacks, path.name: self.rollbacks.get(path.name, 0) + 1}
         here = self.step
-        state = checkpoint.load(self.engine, path)
+        state = checkpoint.load(self.engine, path, self.layout)
         self._restore(state)
         self.rollbacks = rollbacks
         self.spikes.reset()

@@ -16,5 +16,5 @@ def load_pretrained(path: str | Path):
     step_dir = checkpoint.resolve(path)
     cfg = RunConfig.model_validate(yaml.safe_load((step_dir / "config.yaml").read_text()))
     model = GPT(cfg.model)
-    model.load_state_dict(checkpoint.fit_to_model(model, checkpoint.consolidate(step_dir), step_dir), strict=True)
+    checkpoint.load_into(model, step_dir)
     return model.eval(), cfg, step_dir

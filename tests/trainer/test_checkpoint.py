@@ -7,12 +7,13 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.trainer.conftest import (REPO, child_env, free_port, launch_cmd, make_run, read_metrics, run_training,
                                     train_in_process)
-from trainer import checkpoint
-from trainer.config import ModelConfig, MoEConfig
+from trainer import checkpoint, weight_shards
 from trainer.errors import TrainError
+from trainer.tensorfile import SafetensorsWriter
 
 
 def test_latest_points_at_a_complete_checkpoint_and_old_ones_are_pruned(dense_run):
@@ -35,17 +36,29 @@ def test_half_written_checkpoint_is_skipped_with_a_warning(dense_run, tmp_path, 
     assert "skipping checkpoint" in caplog.text and "step-40" in caplog.text
 
 
-def test_consolidation_concatenates_expert_shards(tmp_path):
+def write_fragments(step, rank: int, fragments: dict[str, tuple[int, torch.Tensor, tuple]]) -> None:
+    """A weights-rank file as a rank writes it: name -> (flat start in the whole tensor, values, whole shape)."""
+    meta = {name: {"start": start, "shape": list(shape)} for name, (start, _, shape) in fragments.items()}
+    specs = [(name, (t.numel(),), torch.float32) for name, (_, t, _) in fragments.items()]
+    with SafetensorsWriter(step / weight_shards.file_name(rank), specs, {"fragments": json.dumps(meta)}) as w:
+        for name, (_, t, _) in fragments.items():
+            w.write(name, t)
+
+
+def test_consolidation_joins_every_ranks_fragments(tmp_path):
+    """Rank 0 holds expert shard 0 and the first half of a ZeRO-partitioned dense weight, rank 1 the rest."""
     step = tmp_path / "step-1"
     step.mkdir()
-    (step / checkpoint.COMPLETE).write_text("{}")
-    dense = torch.ones(3)
-    for ep in (0, 1):
-        torch.save({"transformer.h.1.mlp.experts.w_fc": torch.full((2, 4, 8), float(ep)), "lm_head.weight": dense},
-                   step / f"model-ep{ep}.pt")
-    merged = checkpoint.consolidate(step)
-    assert merged["transformer.h.1.mlp.experts.w_fc"].shape == (4, 4, 8)
-    assert merged["transformer.h.1.mlp.experts.w_fc"][2:].eq(1).all() and torch.equal(merged["lm_head.weight"], dense)
+    experts, dense = torch.arange(64.0).view(4, 2, 8), torch.randn(3, 5)
+    write_fragments(step, 0, {"e": (0, experts[:2].flatten(), (4, 2, 8)), "d": (0, dense.flatten()[:8], (3, 5))})
+    write_fragments(step, 1, {"e": (32, experts[2:].flatten(), (4, 2, 8)), "d": (8, dense.flatten()[8:], (3, 5))})
+    out = weight_shards.consolidate(step, tmp_path / "model.safetensors")
+    merged = load_file(out)
+    assert torch.equal(merged["e"], experts) and torch.equal(merged["d"], dense)
+    (step / weight_shards.file_name(1)).unlink()
+    with pytest.raises(TrainError, match=r"hold 32 of the 64 elements \[0, 64\) of e"):
+        weight_shards.consolidate(step, tmp_path / "again.safetensors")
+    assert not (tmp_path / "again.safetensors").exists()
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, shard_dir):
@@ -64,32 +77,14 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, shard_dir):
     assert f"resumed from" in result.stderr and max(read_metrics(run)) == 6
 
 
-def test_weights_that_do_not_fit_are_named_for_eval_and_export(tmp_path):
-    """checkpoint.fit_to_model refuses any mismatch with the key named."""
-    from trainer.model import GPT
-
-    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=16, vocab_size=100, n_ctx=32, moe=MoEConfig(num_experts=4)))
-    state = model.state_dict()
-    fitted = checkpoint.fit_to_model(model, state, tmp_path)
-    assert all(torch.equal(fitted[k], v) for k, v in state.items())
-    bad = {**state, "transformer.h.0.mlp.c_fc.weight": torch.zeros(32, 16)}
-    del bad["transformer.ln_f.bias"]
-    with pytest.raises(TrainError, match=r"c_fc.weight has shape \[32, 16\], this model \[64, 16\]") as err:
-        checkpoint.fit_to_model(model, bad, tmp_path)
-    assert "transformer.ln_f.bias missing" in str(err.value)
-    # Checkpoints also held non-persistent buffers (a sinusoidal table the model rebuilds): ignored.
-    sinusoidal = GPT(ModelConfig(n_layer=2, n_head=2, d_model=16, vocab_size=100, n_ctx=32, pos_embedding="sinusoidal"))
-    saved = {**sinusoidal.state_dict(), "pos_table": sinusoidal.pos_table.clone()}
-    sinusoidal.load_state_dict(checkpoint.fit_to_model(sinusoidal, saved, tmp_path), strict=True)
-
-
 def test_resume_refuses_weights_that_do_not_fit_the_model(dense_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(dense_run, run)
     step = checkpoint.newest_valid(run / "checkpoints")
-    weights = torch.load(step / "model-ep0.pt", weights_only=True)
-    weights["transformer.h.0.mlp.c_fc.weight"] = weights["transformer.h.0.mlp.c_fc.weight"][:-1].clone()
-    torch.save(weights, step / "model-ep0.pt")
+    weights = weight_shards.ShardedWeights(step)
+    tensors = dict(weights.tensors())
+    tensors["transformer.h.0.mlp.c_fc.weight"] = tensors["transformer.h.0.mlp.c_fc.weight"][:-1].clone()
+    write_fragments(step, 0, {name: (0, t.flatten(), tuple(t.shape)) for name, t in tensors.items()})
     with pytest.raises(TrainError, match=r"step-30 does not fit this run's model: transformer.h.0.mlp.c_fc.weight "
                                          r"has shape \[\d+, \d+\]"):
         train_in_process(run)
