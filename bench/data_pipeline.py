@@ -38,7 +38,7 @@ from data_pipeline.filters.language import LanguageFilter
 from data_pipeline.readers import READERS
 from data_pipeline.readers.text import split_text
 from data_pipeline.step import run_steps
-from data_pipeline.tokenization import load_encoding
+from shard_format import load_encoding
 
 REPO = Path(__file__).resolve().parent.parent  # noqa: E402 (after the sys.path fix)
 RULES = ["language", "gopher_repetition", "gopher_quality", "c4", "fineweb"]

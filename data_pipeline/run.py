@@ -18,10 +18,10 @@ from data_pipeline.config import DataConfig, path_bases, resolve_glob, resolve_p
 from data_pipeline.dedup.clusters import find_duplicates
 from data_pipeline.document import StepStats
 from data_pipeline.errors import PipelineError
-from data_pipeline.report import build_report
-from data_pipeline.shards import MANIFEST, REPORT, json_bytes, make_manifest, write_atomic
+from data_pipeline.report import build_report, write_report
 from data_pipeline.stages import InputTask, load_signatures, process_input, write_source_shards
-from data_pipeline.tokenization import tokenizer_info
+from data_pipeline.tokenization import tokenizer_record
+from shard_format import Manifest, ShardRecord, atomic_write, make_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 WORK = "_work"
@@ -66,16 +66,17 @@ def prepare_output(out_dir: Path, config: DataConfig, tasks: list[InputTask]) ->
     for leftover in (work / "tasks").glob(".tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     marker.write_text(fingerprint)
-    write_atomic(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+    atomic_write(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     return work
 
 
-def run_pipeline(config: DataConfig, out_dir: Path, executor, config_dir: Path | None = None) -> tuple[dict, dict]:
+def run_pipeline(config: DataConfig, out_dir: Path, executor,
+                 config_dir: Path | None = None) -> tuple[dict, Manifest]:
     """(report, manifest). Input failures are in report["failed_inputs"]; the manifest covers
     the inputs that succeeded."""
     started = time.perf_counter()
     config = resolve_paths(config, config_dir)
-    tokenizer = tokenizer_info(config.tokenizer)
+    tokenizer = tokenizer_record(config.tokenizer)
     tasks, failed = plan_inputs(config, config_dir)
     work = prepare_output(out_dir, config, tasks)
     results = executor.map(process_input, tasks, config, work, desc="inputs")
@@ -86,10 +87,10 @@ def run_pipeline(config: DataConfig, out_dir: Path, executor, config_dir: Path |
                                  _by_source(done), removed, desc="shards")
     shard_stats = {r["source"]: _shard_stats(r["shards"]) for r in shard_results}
     report = build_report(results, dedup_stats, shard_stats, failed, time.perf_counter() - started)
-    write_atomic(out_dir / REPORT, json_bytes(report))
+    write_report(out_dir, report)
     manifest = make_manifest(tokenizer, {s.name: s.weight for s in config.sources},
                              [entry for r in shard_results for entry in r["shards"]])
-    write_atomic(out_dir / MANIFEST, json_bytes(manifest))
+    write_manifest(out_dir, manifest)
     return report, manifest
 
 
@@ -125,7 +126,7 @@ def deduplicate(config: DataConfig, work: Path, done: list[dict], executor) -> t
     return np.concatenate([found["exact"], found["near"]]), stats
 
 
-def _shard_stats(shards: list[dict]) -> StepStats:
+def _shard_stats(shards: list[ShardRecord]) -> StepStats:
     samples = sum(s["samples"] for s in shards)
     return StepStats(docs_in=samples, docs_out=samples, bytes_out=sum(s["bytes"] for s in shards),
                      tokens=sum(s["tokens"] for s in shards))

@@ -31,7 +31,8 @@ from data_pipeline.filters import build_filters
 from data_pipeline.readers import READERS
 from data_pipeline.shards import ShardWriter
 from data_pipeline.step import Step, run_steps
-from data_pipeline.tokenization import Tokenize, token_dtype
+from data_pipeline.tokenization import Tokenize
+from shard_format import token_dtype
 
 log = logging.getLogger(__name__)
 TASKS_DIR = "tasks"

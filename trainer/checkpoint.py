@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -21,20 +20,12 @@ import torch.distributed as dist
 from deepspeed.utils import groups
 from deepspeed.utils.tensor_fragment import safe_get_full_fp32_param
 
+from shard_format import atomic_write
 from trainer.errors import TrainError
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step-(\d+)$")
 COMPLETE = "COMPLETE"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
