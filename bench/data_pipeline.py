@@ -26,15 +26,13 @@ import numpy as np
 # This file shares the package's name; drop its own directory so `data_pipeline` is the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from data_pipeline.config import (C4FilterConfig, ExtractConfig, FineWebFilterConfig, GopherQualityConfig,
-                                  GopherRepetitionConfig, LanguageFilterConfig)
 from data_pipeline.dedup.minhash import MinHasher
 from data_pipeline.document import Document, StepStats
-from data_pipeline.extract import ExtractHtml
-from data_pipeline.filters.c4 import C4Filter
-from data_pipeline.filters.fineweb import FineWebFilter
-from data_pipeline.filters.gopher import GopherQuality, GopherRepetition
-from data_pipeline.filters.language import LanguageFilter
+from data_pipeline.extract import ExtractConfig, ExtractHtml
+from data_pipeline.filters.c4 import C4Filter, C4FilterConfig
+from data_pipeline.filters.fineweb import FineWebFilter, FineWebFilterConfig
+from data_pipeline.filters.gopher import GopherQuality, GopherQualityConfig, GopherRepetition, GopherRepetitionConfig
+from data_pipeline.filters.language import LanguageFilter, LanguageFilterConfig
 from data_pipeline.readers import READERS
 from data_pipeline.readers.text import split_text
 from data_pipeline.step import run_steps

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data_pipeline.config import DataConfig, path_bases, resolve_glob, resolve_paths
+from data_pipeline.config import PipelineConfig, path_bases, resolve_glob, resolve_paths
 from data_pipeline.dedup.clusters import find_duplicates
 from data_pipeline.document import StepStats
 from data_pipeline.errors import PipelineError
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 WORK = "_work"
 
 
-def plan_inputs(config: DataConfig, config_dir: Path | None) -> tuple[list[InputTask], list[dict]]:
+def plan_inputs(config: PipelineConfig, config_dir: Path | None) -> tuple[list[InputTask], list[dict]]:
     """One task per input file, numbered in (source order, sorted path) order; globs that match
     nothing come back as failures so the rest of the run still goes ahead."""
     tasks, failed, seen = [], [], set()
@@ -45,7 +45,7 @@ def plan_inputs(config: DataConfig, config_dir: Path | None) -> tuple[list[Input
     return tasks, failed
 
 
-def prepare_output(out_dir: Path, config: DataConfig, tasks: list[InputTask]) -> Path:
+def prepare_output(out_dir: Path, config: PipelineConfig, tasks: list[InputTask]) -> Path:
     """Check the dir is writable, save the resolved config, and drop work left by a run with a
     different config or inputs (it could not be reused byte-for-byte)."""
     try:
@@ -70,7 +70,7 @@ def prepare_output(out_dir: Path, config: DataConfig, tasks: list[InputTask]) ->
     return work
 
 
-def run_pipeline(config: DataConfig, out_dir: Path, executor,
+def run_pipeline(config: PipelineConfig, out_dir: Path, executor,
                  config_dir: Path | None = None) -> tuple[dict, Manifest]:
     """(report, manifest). Input failures are in report["failed_inputs"]; the manifest covers
     the inputs that succeeded."""
@@ -101,12 +101,13 @@ def _by_source(done: list[dict]) -> dict[str, list[int]]:
     return grouped
 
 
-def _shard_source(source: str, config: DataConfig, work: Path, out_dir: Path,
+def _shard_source(source: str, config: PipelineConfig, work: Path, out_dir: Path,
                   indices: dict[str, list[int]], removed: np.ndarray) -> dict:
     return write_source_shards(source, indices.get(source, []), removed, config, work, out_dir)
 
 
-def deduplicate(config: DataConfig, work: Path, done: list[dict], executor) -> tuple[np.ndarray, dict[str, StepStats]]:
+def deduplicate(config: PipelineConfig, work: Path, done: list[dict],
+                executor) -> tuple[np.ndarray, dict[str, StepStats]]:
     """Global dedup over every finished task's signatures; the removed keys and per-source stats."""
     started = time.perf_counter()
     index_source = {r["index"]: r["source"] for r in done}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.config import PipelineConfig, SourceConfig
 from data_pipeline.decontaminate import Decontaminate
 from data_pipeline.dedup.minhash import MinHasher, exact_hash
 from data_pipeline.document import Document, StepStats
@@ -49,7 +49,7 @@ def task_dir(work: Path, index: int) -> Path:
     return work / TASKS_DIR / f"{index:06d}"
 
 
-def build_steps(source: SourceConfig, config: DataConfig) -> list[Step]:
+def build_steps(source: SourceConfig, config: PipelineConfig) -> list[Step]:
     steps: list[Step] = [ExtractHtml(source.extract)] if source.format == "warc" else []
     steps += build_filters(source.filters, config.seed)
     if config.decontamination.eval_sets:
@@ -58,7 +58,7 @@ def build_steps(source: SourceConfig, config: DataConfig) -> list[Step]:
     return steps + [Tokenize(config.tokenizer)]
 
 
-def process_input(task: InputTask, config: DataConfig, work: Path) -> dict:
+def process_input(task: InputTask, config: PipelineConfig, work: Path) -> dict:
     """Stage 1 for one input file. Returns {"index", "stats", "error"}; never raises for bad
     input, so one unreadable file fails only its own task."""
     final = task_dir(work, task.index)
@@ -87,7 +87,7 @@ def process_input(task: InputTask, config: DataConfig, work: Path) -> dict:
     return result
 
 
-def _process_into(task: InputTask, config: DataConfig, out: Path, stats: dict[str, StepStats]) -> None:
+def _process_into(task: InputTask, config: PipelineConfig, out: Path, stats: dict[str, StepStats]) -> None:
     source = next(s for s in config.sources if s.name == task.source)
     reader = READERS[source.format]
     docs = reader(Path(task.path), source.name, task.index, stats["read"], max_doc_chars=source.max_doc_chars,
@@ -141,7 +141,7 @@ def load_signatures(work: Path, indices: list[int]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in merged.items()}
 
 
-def write_source_shards(source: str, indices: list[int], removed_keys: np.ndarray, config: DataConfig,
+def write_source_shards(source: str, indices: list[int], removed_keys: np.ndarray, config: PipelineConfig,
                         work: Path, out_dir: Path) -> dict:
     """Stage 3 for one source: its surviving documents, input order, into shards."""
     for stale in list((out_dir / source).glob("shard-*.tar*")) if (out_dir / source).is_dir() else []:

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tiktoken
+from pydantic import Field
 
-from data_pipeline.config import TokenizerConfig
 from data_pipeline.document import Document, StepStats
 from data_pipeline.errors import PipelineError
+from data_pipeline.schema import Section
 from data_pipeline.step import Step
 from shard_format import TokenizerError, TokenizerRecord, load_encoding, sha256_file, token_dtype
+
+
+class TokenizerConfig(Section):
+    name: Literal["gpt2"] = "gpt2"
+    path: str = "../shared/data/tokenizer/gpt2/r50k_base.tiktoken"
+    eot_id: int = 50256
+    vocab_size: int = Field(50257, gt=0)
 
 
 def encoding_for_config(config: TokenizerConfig) -> tiktoken.Encoding:
