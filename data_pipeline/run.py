@@ -1,6 +1,6 @@
-"""`pretrain data run`: plan the inputs, run the three stages (see `stages`), write the report
-and, last and atomically, the manifest. Rerunning the same command finishes only what is
-missing; the result is byte-identical to an uninterrupted run."""
+"""`pretrain data run`: plan the inputs, run the three stages (see `stages`) on an executor,
+write the report and, last and atomically, the manifest. Rerunning the same command finishes
+only what is missing; the result is byte-identical to an uninterrupted run."""
 from __future__ import annotations
 
 import hashlib
@@ -15,11 +15,10 @@ import numpy as np
 import yaml
 
 from data_pipeline.config import PipelineConfig, path_bases, resolve_glob, resolve_paths
-from data_pipeline.dedup.clusters import find_duplicates
 from data_pipeline.document import StepStats
 from data_pipeline.errors import PipelineError
 from data_pipeline.report import build_report, write_report
-from data_pipeline.stages import InputTask, load_signatures, process_input, write_source_shards
+from data_pipeline.stages import InputTask, deduplicate, process_input, write_source_shards
 from data_pipeline.tokenization import tokenizer_record
 from shard_format import Manifest, ShardRecord, atomic_write, make_manifest, write_manifest
 
@@ -82,7 +81,8 @@ def run_pipeline(config: PipelineConfig, out_dir: Path, executor,
     results = executor.map(process_input, tasks, config, work, desc="inputs")
     failed += [{"source": r["source"], "path": r["path"], "error": r["error"]} for r in results if r["error"]]
     done = [r for r in results if not r["error"]]
-    removed, dedup_stats = deduplicate(config, work, done, executor)
+    removed, dedup_stats = deduplicate(config, work, done,
+                                       lambda fn, bands: executor.map(fn, bands, desc="dedup bands"))
     shard_results = executor.map(_shard_source, [s.name for s in config.sources], config, work, out_dir,
                                  _by_source(done), removed, desc="shards")
     shard_stats = {r["source"]: _shard_stats(r["shards"]) for r in shard_results}
@@ -104,27 +104,6 @@ def _by_source(done: list[dict]) -> dict[str, list[int]]:
 def _shard_source(source: str, config: PipelineConfig, work: Path, out_dir: Path,
                   indices: dict[str, list[int]], removed: np.ndarray) -> dict:
     return write_source_shards(source, indices.get(source, []), removed, config, work, out_dir)
-
-
-def deduplicate(config: PipelineConfig, work: Path, done: list[dict],
-                executor) -> tuple[np.ndarray, dict[str, StepStats]]:
-    """Global dedup over every finished task's signatures; the removed keys and per-source stats."""
-    started = time.perf_counter()
-    index_source = {r["index"]: r["source"] for r in done}
-    signatures = load_signatures(work, sorted(index_source))
-    mh = config.dedup.minhash
-    found = find_duplicates(signatures, mh.bands, mh.rows, config.dedup.exact,
-                            lambda fn, bands: executor.map(fn, bands, desc="dedup bands"))
-    stats = {name: StepStats() for name in set(index_source.values())}
-    for key in signatures["keys"].tolist():
-        stats[index_source[key >> 32]].docs_in += 1
-    for reason, keys in found.items():
-        for key in keys.tolist():
-            stats[index_source[key >> 32]].removed[f"dedup:{reason}"] += 1
-    for s in stats.values():
-        s.docs_out = s.docs_in - sum(s.removed.values())
-        s.seconds = time.perf_counter() - started
-    return np.concatenate([found["exact"], found["near"]]), stats
 
 
 def _shard_stats(shards: list[ShardRecord]) -> StepStats:

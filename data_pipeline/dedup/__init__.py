@@ -1,5 +1,5 @@
 """Deduplication: exact (normalized-text hash) and MinHash LSH, as a global stage over the
-signatures every task saved (see `data_pipeline.stages.dedup_stage`)."""
+signatures every task saved (see `data_pipeline.stages.deduplicate`)."""
 from __future__ import annotations
 
 from pydantic import Field
