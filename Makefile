@@ -39,7 +39,7 @@ test-quick: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python bench/model_step.py
-	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/pipeline_throughput.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/plan_accuracy.py
 

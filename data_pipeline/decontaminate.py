@@ -6,12 +6,20 @@ import json
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
 from data_pipeline.dedup.minhash import shingle_hashes, word_hashes
 from data_pipeline.document import Document
 from data_pipeline.errors import PipelineError
+from data_pipeline.schema import Section
 from data_pipeline.step import Filter
 from data_pipeline.text import normalize_for_dedup
+
+
+class DecontaminationConfig(Section):
+    eval_sets: list[str] = []  # JSONL files; the step runs when there is at least one
+    text_field: str = "text"
+    ngram: int = Field(13, gt=0)
 
 
 def ngram_hashes(text: str, n: int) -> np.ndarray:

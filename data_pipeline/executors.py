@@ -1,6 +1,6 @@
 """Executors run a function over a list of items and return the results in item order.
-Steps and stages know nothing about them: the local one serves unit tests, the Ray one runs
-tasks across a machine or a cluster, with retries when a worker dies."""
+Steps and stages know nothing about them: the local one serves tests and `data run --local`,
+the Ray one runs tasks across a machine or a cluster, with retries when a worker dies."""
 from __future__ import annotations
 
 import logging

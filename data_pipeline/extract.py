@@ -7,15 +7,25 @@ import logging
 import multiprocessing as mp
 from multiprocessing.connection import Connection
 
+from pydantic import Field
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.html import HTMLTree
 
-from data_pipeline.config import ExtractConfig
 from data_pipeline.document import Document, StepStats
+from data_pipeline.schema import Section
 from data_pipeline.step import Step
 
 log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 120
+
+
+class ExtractConfig(Section):
+    """A page runs in the watchdog process so a pathological page costs at most `time_limit_s`;
+    pages above `max_html_bytes` are cut to that size first."""
+    time_limit_s: float = Field(5.0, gt=0)
+    max_html_bytes: int = Field(2_000_000, gt=0)
+    main_content: bool = True
+    watchdog: bool = True
 
 
 def html_to_text(html: str, main_content: bool) -> str:

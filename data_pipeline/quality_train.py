@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from data_pipeline.config import DataConfig, path_bases, resolve_glob
+from data_pipeline.config import PipelineConfig, path_bases, resolve_glob
 from data_pipeline.document import StepStats
 from data_pipeline.errors import PipelineError
 from data_pipeline.extract import ExtractHtml
@@ -18,7 +18,7 @@ from data_pipeline.readers import READERS
 from data_pipeline.step import run_steps
 
 
-def source_texts(config: DataConfig, config_dir: Path, name: str, limit: int) -> list[str]:
+def source_texts(config: PipelineConfig, config_dir: Path, name: str, limit: int) -> list[str]:
     source = next((s for s in config.sources if s.name == name), None)
     if source is None:
         raise PipelineError(f"no source named {name!r} in the config")
@@ -33,7 +33,7 @@ def source_texts(config: DataConfig, config_dir: Path, name: str, limit: int) ->
     return texts
 
 
-def train_from_config(config: DataConfig, config_dir: Path, positive: list[str], negative: list[str],
+def train_from_config(config: PipelineConfig, config_dir: Path, positive: list[str], negative: list[str],
                       out: Path, max_docs: int) -> dict:
     pos = [t for name in positive for t in source_texts(config, config_dir, name, max_docs)]
     neg = [t for name in negative for t in source_texts(config, config_dir, name, max_docs)]

@@ -10,7 +10,9 @@ from rich.table import Table
 
 from data_pipeline.document import StepStats
 from data_pipeline.errors import PipelineError
-from data_pipeline.shards import REPORT
+from shard_format import atomic_write
+
+REPORT = "report.json"
 
 
 def build_report(task_results: list[dict], dedup_stats: dict[str, StepStats], shard_stats: dict[str, StepStats],
@@ -28,6 +30,10 @@ def build_report(task_results: list[dict], dedup_stats: dict[str, StepStats], sh
                 entry["steps"][step] = stats
         entry["steps"] = {step: s.to_json() for step, s in entry["steps"].items()}
     return {"sources": sources, "failed_inputs": failed, "seconds": round(seconds, 2)}
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    atomic_write(out_dir / REPORT, json.dumps(report, indent=1) + "\n")
 
 
 def load_report(out_dir: Path) -> dict:

@@ -1,6 +1,6 @@
-"""`pretrain data run`: plan the inputs, run the three stages (see `stages`), write the report
-and, last and atomically, the manifest. Rerunning the same command finishes only what is
-missing; the result is byte-identical to an uninterrupted run."""
+"""`pretrain data run`: plan the inputs, run the three stages (see `stages`) on an executor,
+write the report and, last and atomically, the manifest. Rerunning the same command finishes
+only what is missing; the result is byte-identical to an uninterrupted run."""
 from __future__ import annotations
 
 import hashlib
@@ -14,20 +14,19 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data_pipeline.config import DataConfig, path_bases, resolve_glob, resolve_paths
-from data_pipeline.dedup.clusters import find_duplicates
+from data_pipeline.config import PipelineConfig, path_bases, resolve_glob, resolve_paths
 from data_pipeline.document import StepStats
 from data_pipeline.errors import PipelineError
-from data_pipeline.report import build_report
-from data_pipeline.shards import MANIFEST, REPORT, json_bytes, make_manifest, write_atomic
-from data_pipeline.stages import InputTask, load_signatures, process_input, write_source_shards
-from data_pipeline.tokenization import tokenizer_info
+from data_pipeline.report import build_report, write_report
+from data_pipeline.stages import InputTask, deduplicate, process_input, write_source_shards
+from data_pipeline.tokenization import tokenizer_record
+from shard_format import Manifest, ShardRecord, atomic_write, make_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 WORK = "_work"
 
 
-def plan_inputs(config: DataConfig, config_dir: Path | None) -> tuple[list[InputTask], list[dict]]:
+def plan_inputs(config: PipelineConfig, config_dir: Path | None) -> tuple[list[InputTask], list[dict]]:
     """One task per input file, numbered in (source order, sorted path) order; globs that match
     nothing come back as failures so the rest of the run still goes ahead."""
     tasks, failed, seen = [], [], set()
@@ -45,7 +44,7 @@ def plan_inputs(config: DataConfig, config_dir: Path | None) -> tuple[list[Input
     return tasks, failed
 
 
-def prepare_output(out_dir: Path, config: DataConfig, tasks: list[InputTask]) -> Path:
+def prepare_output(out_dir: Path, config: PipelineConfig, tasks: list[InputTask]) -> Path:
     """Check the dir is writable, save the resolved config, and drop work left by a run with a
     different config or inputs (it could not be reused byte-for-byte)."""
     try:
@@ -66,30 +65,32 @@ def prepare_output(out_dir: Path, config: DataConfig, tasks: list[InputTask]) ->
     for leftover in (work / "tasks").glob(".tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     marker.write_text(fingerprint)
-    write_atomic(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+    atomic_write(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     return work
 
 
-def run_pipeline(config: DataConfig, out_dir: Path, executor, config_dir: Path | None = None) -> tuple[dict, dict]:
+def run_pipeline(config: PipelineConfig, out_dir: Path, executor,
+                 config_dir: Path | None = None) -> tuple[dict, Manifest]:
     """(report, manifest). Input failures are in report["failed_inputs"]; the manifest covers
     the inputs that succeeded."""
     started = time.perf_counter()
     config = resolve_paths(config, config_dir)
-    tokenizer = tokenizer_info(config.tokenizer)
+    tokenizer = tokenizer_record(config.tokenizer)
     tasks, failed = plan_inputs(config, config_dir)
     work = prepare_output(out_dir, config, tasks)
     results = executor.map(process_input, tasks, config, work, desc="inputs")
     failed += [{"source": r["source"], "path": r["path"], "error": r["error"]} for r in results if r["error"]]
     done = [r for r in results if not r["error"]]
-    removed, dedup_stats = deduplicate(config, work, done, executor)
+    removed, dedup_stats = deduplicate(config, work, done,
+                                       lambda fn, bands: executor.map(fn, bands, desc="dedup bands"))
     shard_results = executor.map(_shard_source, [s.name for s in config.sources], config, work, out_dir,
                                  _by_source(done), removed, desc="shards")
     shard_stats = {r["source"]: _shard_stats(r["shards"]) for r in shard_results}
     report = build_report(results, dedup_stats, shard_stats, failed, time.perf_counter() - started)
-    write_atomic(out_dir / REPORT, json_bytes(report))
+    write_report(out_dir, report)
     manifest = make_manifest(tokenizer, {s.name: s.weight for s in config.sources},
                              [entry for r in shard_results for entry in r["shards"]])
-    write_atomic(out_dir / MANIFEST, json_bytes(manifest))
+    write_manifest(out_dir, manifest)
     return report, manifest
 
 
@@ -100,32 +101,12 @@ def _by_source(done: list[dict]) -> dict[str, list[int]]:
     return grouped
 
 
-def _shard_source(source: str, config: DataConfig, work: Path, out_dir: Path,
+def _shard_source(source: str, config: PipelineConfig, work: Path, out_dir: Path,
                   indices: dict[str, list[int]], removed: np.ndarray) -> dict:
     return write_source_shards(source, indices.get(source, []), removed, config, work, out_dir)
 
 
-def deduplicate(config: DataConfig, work: Path, done: list[dict], executor) -> tuple[np.ndarray, dict[str, StepStats]]:
-    """Global dedup over every finished task's signatures; the removed keys and per-source stats."""
-    started = time.perf_counter()
-    index_source = {r["index"]: r["source"] for r in done}
-    signatures = load_signatures(work, sorted(index_source))
-    mh = config.dedup.minhash
-    found = find_duplicates(signatures, mh.bands, mh.rows, config.dedup.exact,
-                            lambda fn, bands: executor.map(fn, bands, desc="dedup bands"))
-    stats = {name: StepStats() for name in set(index_source.values())}
-    for key in signatures["keys"].tolist():
-        stats[index_source[key >> 32]].docs_in += 1
-    for reason, keys in found.items():
-        for key in keys.tolist():
-            stats[index_source[key >> 32]].removed[f"dedup:{reason}"] += 1
-    for s in stats.values():
-        s.docs_out = s.docs_in - sum(s.removed.values())
-        s.seconds = time.perf_counter() - started
-    return np.concatenate([found["exact"], found["near"]]), stats
-
-
-def _shard_stats(shards: list[dict]) -> StepStats:
+def _shard_stats(shards: list[ShardRecord]) -> StepStats:
     samples = sum(s["samples"] for s in shards)
     return StepStats(docs_in=samples, docs_out=samples, bytes_out=sum(s["bytes"] for s in shards),
                      tokens=sum(s["tokens"] for s in shards))

@@ -1,28 +1,19 @@
 """Shard format (the contract the trainer reads; DESIGN.md § Shard format).
 
-    DIR/manifest.json                 written last, atomically
+    DIR/manifest.json                 written last, atomically (`shard_format.manifest`)
     DIR/report.json                   per source and step: in, out, removed by reason, bytes, tokens, seconds
     DIR/<source>/shard-000000.tar     webdataset tars, one sample per document
 
 A sample is two tar members sharing the key `<source>-<shard>-<index>` (6 digits each, e.g.
-`books-000000-000017`): `<key>.tokens.npy`, a 1-D uint16 array (uint32 when the vocab exceeds
-65536) saved with `np.save(allow_pickle=False)`, and `<key>.json`, `{"id", "url" or "title",
-"source", "tokens"}`. Documents carry no end-of-text token; the trainer inserts it between
-documents when it packs sequences.
-
-manifest.json:
-    {"format_version": 1,
-     "tokenizer": {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256, "vocab_sha256": "...",
-                   "vocab_file": "/abs/path/r50k_base.tiktoken"},
-     "sources": {"<name>": {"weight": 0.6}, ...},
-     "shards": [{"path": "books/shard-000000.tar", "source": "books", "samples": 17,
-                 "tokens": 123456, "bytes": 250000, "sha256": "..."}, ...]}
+`books-000000-000017`): `<key>.tokens.npy`, a 1-D array of `shard_format.token_dtype` saved with
+`np.save(allow_pickle=False)`, and `<key>.json`, `{"id", "url" or "title", "source", "tokens"}`.
+Documents carry no end-of-text token; the trainer inserts it between documents when it packs
+sequences.
 
 Tars are written byte-for-byte deterministically (fixed mtime/owner/order) to a temp name and
 renamed when complete, so the same input and config always give the same shard sha256s."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,28 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-REPORT = "report.json"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def json_bytes(data) -> bytes:
-    return (json.dumps(data, indent=1, sort_keys=False) + "\n").encode()
+from shard_format import ShardRecord, sha256_file
 
 
 def sample_key(source: str, shard: int, index: int) -> str:
@@ -79,7 +49,7 @@ class ShardWriter:
     def __init__(self, out_dir: Path, source: str, target_bytes: int):
         self.dir, self.source, self.target_bytes = out_dir / source, source, target_bytes
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.entries: list[dict] = []
+        self.entries: list[ShardRecord] = []
         self.tar = None
 
     def add(self, meta: dict, tokens: np.ndarray) -> None:
@@ -94,7 +64,7 @@ class ShardWriter:
         if self.file.tell() >= self.target_bytes:
             self._finish()
 
-    def close(self) -> list[dict]:
+    def close(self) -> list[ShardRecord]:
         if self.tar is not None:
             self._finish()
         return self.entries
@@ -116,19 +86,6 @@ class ShardWriter:
                              "samples": self.samples, "tokens": self.tokens,
                              "bytes": self.final.stat().st_size, "sha256": sha256_file(self.final)})
         self.tar = None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def make_manifest(tokenizer: dict, weights: dict[str, float], shards: list[dict]) -> dict:
-    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer,
-            "sources": {name: {"weight": w} for name, w in weights.items()}, "shards": shards}
 
 
 def iter_samples(path: Path):

@@ -4,9 +4,11 @@ rerun (after a crash, a kill -9, a Ray retry) and give the same bytes:
 1. `process_input`, one task per input file: read -> extract -> filters -> decontaminate ->
    tokenize, then signatures. Results go to `_work/tasks/<index>/` (renamed into place when
    complete), so a rerun skips finished inputs.
-2. `find_duplicates`, global: exact hashes and MinHash LSH band buckets (one task per band)
+2. `deduplicate`, global: exact hashes and MinHash LSH band buckets (one task per band)
    over all signatures, connected components, keep the lowest document key per cluster.
-3. `write_source_shards`, one task per source: surviving documents in input order into shards."""
+3. `write_source_shards`, one task per source: surviving documents in input order into shards.
+
+Stages know nothing about executors: `run.run_pipeline` maps them over tasks."""
 from __future__ import annotations
 
 import json
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.config import PipelineConfig, SourceConfig
 from data_pipeline.decontaminate import Decontaminate
+from data_pipeline.dedup.clusters import find_duplicates
 from data_pipeline.dedup.minhash import MinHasher, exact_hash
 from data_pipeline.document import Document, StepStats
 from data_pipeline.errors import InputError
@@ -31,7 +34,8 @@ from data_pipeline.filters import build_filters
 from data_pipeline.readers import READERS
 from data_pipeline.shards import ShardWriter
 from data_pipeline.step import Step, run_steps
-from data_pipeline.tokenization import Tokenize, token_dtype
+from data_pipeline.tokenization import Tokenize
+from shard_format import token_dtype
 
 log = logging.getLogger(__name__)
 TASKS_DIR = "tasks"
@@ -48,7 +52,7 @@ def task_dir(work: Path, index: int) -> Path:
     return work / TASKS_DIR / f"{index:06d}"
 
 
-def build_steps(source: SourceConfig, config: DataConfig) -> list[Step]:
+def build_steps(source: SourceConfig, config: PipelineConfig) -> list[Step]:
     steps: list[Step] = [ExtractHtml(source.extract)] if source.format == "warc" else []
     steps += build_filters(source.filters, config.seed)
     if config.decontamination.eval_sets:
@@ -57,9 +61,9 @@ def build_steps(source: SourceConfig, config: DataConfig) -> list[Step]:
     return steps + [Tokenize(config.tokenizer)]
 
 
-def process_input(task: InputTask, config: DataConfig, work: Path) -> dict:
-    """Stage 1 for one input file. Returns {"index", "stats", "error"}; never raises for bad
-    input, so one unreadable file fails only its own task."""
+def process_input(task: InputTask, config: PipelineConfig, work: Path) -> dict:
+    """Stage 1 for one input file. Returns {"index", "source", "path", "error", "seconds", "stats"};
+    never raises for bad input, so one unreadable file fails only its own task."""
     final = task_dir(work, task.index)
     if (final / "stats.json").is_file():
         return json.loads((final / "stats.json").read_text())
@@ -86,7 +90,7 @@ def process_input(task: InputTask, config: DataConfig, work: Path) -> dict:
     return result
 
 
-def _process_into(task: InputTask, config: DataConfig, out: Path, stats: dict[str, StepStats]) -> None:
+def _process_into(task: InputTask, config: PipelineConfig, out: Path, stats: dict[str, StepStats]) -> None:
     source = next(s for s in config.sources if s.name == task.source)
     reader = READERS[source.format]
     docs = reader(Path(task.path), source.name, task.index, stats["read"], max_doc_chars=source.max_doc_chars,
@@ -140,7 +144,28 @@ def load_signatures(work: Path, indices: list[int]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in merged.items()}
 
 
-def write_source_shards(source: str, indices: list[int], removed_keys: np.ndarray, config: DataConfig,
+def deduplicate(config: PipelineConfig, work: Path, done: list[dict],
+                map_bands) -> tuple[np.ndarray, dict[str, StepStats]]:
+    """Stage 2: global dedup over every finished task's signatures; the removed keys and
+    per-source stats. `map_bands(fn, [band arrays])` runs the per-band bucketing (e.g. as Ray tasks)."""
+    started = time.perf_counter()
+    index_source = {r["index"]: r["source"] for r in done}
+    signatures = load_signatures(work, sorted(index_source))
+    mh = config.dedup.minhash
+    found = find_duplicates(signatures, mh.bands, mh.rows, config.dedup.exact, map_bands)
+    stats = {name: StepStats() for name in set(index_source.values())}
+    for key in signatures["keys"].tolist():
+        stats[index_source[key >> 32]].docs_in += 1
+    for reason, keys in found.items():
+        for key in keys.tolist():
+            stats[index_source[key >> 32]].removed[f"dedup:{reason}"] += 1
+    for s in stats.values():
+        s.docs_out = s.docs_in - sum(s.removed.values())
+        s.seconds = time.perf_counter() - started
+    return np.concatenate([found["exact"], found["near"]]), stats
+
+
+def write_source_shards(source: str, indices: list[int], removed_keys: np.ndarray, config: PipelineConfig,
                         work: Path, out_dir: Path) -> dict:
     """Stage 3 for one source: its surviving documents, input order, into shards."""
     for stale in list((out_dir / source).glob("shard-*.tar*")) if (out_dir / source).is_dir() else []:

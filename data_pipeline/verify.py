@@ -2,32 +2,23 @@
 token counts, keys, token ids below the vocab size) and, optionally, the tokenizer file."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import shard_format
 from data_pipeline.errors import PipelineError
-from data_pipeline.shards import FORMAT_VERSION, MANIFEST, iter_samples, sample_key, sha256_file
+from data_pipeline.shards import iter_samples, sample_key
+from shard_format import Manifest, ManifestError, ShardRecord, sha256_file
 
-MANIFEST_KEYS = {"format_version", "tokenizer", "sources", "shards"}
 
-
-def load_manifest(out_dir: Path) -> dict:
-    path = out_dir / MANIFEST
-    if not path.is_file():
-        raise PipelineError(f"{path}: no manifest (is {out_dir} a finished data run?)")
+def load_manifest(out_dir: Path) -> Manifest:
+    """The validated manifest; a problem with it is a one-line PipelineError naming file and key."""
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise PipelineError(f"{path}: not valid JSON: {e}") from None
-    missing = MANIFEST_KEYS - manifest.keys()
-    if missing:
-        raise PipelineError(f"{path}: missing keys {sorted(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise PipelineError(f"{path}: format_version {manifest['format_version']}, expected {FORMAT_VERSION}")
-    return manifest
+        return shard_format.load_manifest(out_dir)
+    except ManifestError as e:
+        raise PipelineError(str(e)) from None
 
 
-def verify_shard(out_dir: Path, entry: dict, vocab_size: int) -> list[str]:
+def verify_shard(out_dir: Path, entry: ShardRecord, vocab_size: int) -> list[str]:
     path = out_dir / entry["path"]
     if not path.is_file():
         return [f"{entry['path']}: missing"]
@@ -53,7 +44,7 @@ def verify_shard(out_dir: Path, entry: dict, vocab_size: int) -> list[str]:
     return problems
 
 
-def verify(out_dir: Path, tokenizer_path: Path | None = None) -> tuple[dict, list[str]]:
+def verify(out_dir: Path, tokenizer_path: Path | None = None) -> tuple[Manifest, list[str]]:
     """The manifest and a list of problems (empty when everything matches)."""
     manifest = load_manifest(out_dir)
     problems = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -19,6 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from shard_format import atomic_write
 from trainer import weight_shards
 from trainer.errors import TrainError
 from trainer.expert_parallel import is_expert
@@ -26,15 +26,6 @@ from trainer.expert_parallel import is_expert
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step-(\d+)$")
 COMPLETE = "COMPLETE"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def step_dirs(root: Path) -> list[tuple[int, Path]]:

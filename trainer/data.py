@@ -8,9 +8,7 @@ is a small dict that checkpoints save, so a resumed run continues with the very 
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import re
 import zlib
@@ -22,39 +20,39 @@ import numpy as np
 import torch
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+import shard_format
+from shard_format import MANIFEST_NAME, ManifestError, ShardRecord, TokenizerRecord, sha256_file
 from trainer.errors import TrainError
 
 log = logging.getLogger(__name__)
 KEY_RE = re.compile(r"^[A-Za-z0-9_.]+-\d{6}-\d{6}$")
-FORMAT_VERSION = 1
 
 
 @dataclass
-class Manifest:
+class TrainingData:
+    """A data run's manifest as training reads it: the mixture weights in use and the shards of each
+    weighted source."""
     root: Path
-    tokenizer: dict
+    tokenizer: TokenizerRecord
     weights: dict[str, float]
-    shards: dict[str, list[dict]] = field(default_factory=dict)  # source -> shard records, manifest order
+    shards: dict[str, list[ShardRecord]] = field(default_factory=dict)  # source -> shard records, manifest order
 
     @property
     def eot_id(self) -> int:
         return int(self.tokenizer["eot_id"])
 
 
-def load_manifest(data_dir: str | Path, model_vocab: int, weights: Optional[dict[str, float]] = None) -> Manifest:
-    """Read DIR/manifest.json and refuse data the model cannot consume (tokenizer bigger than its vocab)."""
+def load_manifest(data_dir: str | Path, model_vocab: int, weights: Optional[dict[str, float]] = None) -> TrainingData:
+    """Read DIR/manifest.json (checked by shard_format) and refuse data the model cannot consume
+    (tokenizer bigger than its vocab, weights for sources it does not have)."""
     root = Path(data_dir)
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise TrainError(f"data.path: {root} has no manifest.json (run `pretrain data run` first)")
+    path = root / MANIFEST_NAME
     try:
-        m = json.loads(path.read_text())
-        tok, sources, records = m["tokenizer"], m["sources"], m["shards"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise TrainError(f"{path}: not a valid manifest ({e})") from None
-    if m.get("format_version") != FORMAT_VERSION:
-        raise TrainError(f"{path}: format_version {m.get('format_version')!r}, this trainer reads {FORMAT_VERSION}")
-    if int(tok["vocab_size"]) > model_vocab or int(tok["eot_id"]) >= model_vocab:
+        m = shard_format.load_manifest(root)
+    except ManifestError as e:
+        raise TrainError(f"data.path: {e}") from None
+    tok, sources, records = m["tokenizer"], m["sources"], m["shards"]
+    if tok["vocab_size"] > model_vocab or tok["eot_id"] >= model_vocab:
         raise TrainError(f"{path}: tokenizer {tok.get('name')!r} has vocab {tok['vocab_size']} (eot {tok['eot_id']}) "
                          f"but model.vocab_size is {model_vocab}: the shards do not match the model")
     mix = weights or {name: float(s.get("weight", 1.0)) for name, s in sources.items()}
@@ -64,14 +62,14 @@ def load_manifest(data_dir: str | Path, model_vocab: int, weights: Optional[dict
     mix = {k: v for k, v in mix.items() if v > 0}
     if not mix:
         raise TrainError(f"data.weights: no source with a positive weight in {path}")
-    by_source: dict[str, list[dict]] = {name: [] for name in mix}
+    by_source: dict[str, list[ShardRecord]] = {name: [] for name in mix}
     for rec in records:
         if rec["source"] in by_source:
             by_source[rec["source"]].append(rec)
     empty = [name for name, recs in by_source.items() if not recs]
     if empty:
         raise TrainError(f"{path}: sources {empty} have weight but no shards")
-    return Manifest(root, tok, mix, by_source)
+    return TrainingData(root, tok, mix, by_source)
 
 
 def is_heldout(key: str, percent: float) -> bool:
@@ -79,15 +77,7 @@ def is_heldout(key: str, percent: float) -> bool:
     return zlib.crc32(key.encode()) % 10_000 < percent * 100
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def check_shard(manifest: Manifest, rec: dict, on_corrupt: str) -> bool:
+def check_shard(manifest: TrainingData, rec: dict, on_corrupt: str) -> bool:
     """webdataset stops quietly at a damaged tar member, so a corrupt shard would just look short:
     compare the whole file to the manifest's sha256 before reading it. False means 'skip it'."""
     path = manifest.root / rec["path"]
@@ -123,7 +113,7 @@ class SourceStream:
     (seed, epoch)). With at least as many shards as slots each slot owns whole shards; otherwise every
     slot reads every shard and keeps every n-th document, which is still disjoint."""
 
-    def __init__(self, manifest: Manifest, source: str, slot: int, n_slots: int, seed: int,
+    def __init__(self, manifest: TrainingData, source: str, slot: int, n_slots: int, seed: int,
                  heldout_percent: float, on_corrupt: str, heldout: bool = False):
         self.manifest, self.source, self.slot, self.n_slots = manifest, source, slot, n_slots
         self.seed, self.heldout_percent, self.on_corrupt, self.heldout = seed, heldout_percent, on_corrupt, heldout
@@ -186,7 +176,7 @@ class PackedStream:
     """Mixes the sources of one slot and cuts `seq_len + 1`-token windows out of the concatenation
     doc, EOT, doc, EOT, ... A window may straddle documents, as in GPT-3's training."""
 
-    def __init__(self, manifest: Manifest, seq_len: int, slot: int, n_slots: int, seed: int,
+    def __init__(self, manifest: TrainingData, seq_len: int, slot: int, n_slots: int, seed: int,
                  heldout_percent: float = 0.0, on_corrupt: str = "error", heldout: bool = False):
         self.manifest, self.window = manifest, seq_len + 1
         self.names = sorted(manifest.weights)
@@ -275,7 +265,7 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
 class TrainLoader:
     """Micro-batches for one data-parallel rank; `state()` is the position of every worker's slot."""
 
-    def __init__(self, manifest: Manifest, seq_len: int, batch_size: int, rank: int, world: int, seed: int,
+    def __init__(self, manifest: TrainingData, seq_len: int, batch_size: int, rank: int, world: int, seed: int,
                  heldout_percent: float, on_corrupt: str, num_workers: int, state: Optional[dict] = None):
         self.num_workers = max(num_workers, 1)
         n_slots = world * self.num_workers
@@ -314,7 +304,7 @@ class TrainLoader:
         return {"slots": {str(k): v for k, v in self.states.items()}, "turn": self.turn}
 
 
-def heldout_batches(manifest: Manifest, seq_len: int, batch_size: int, heldout_percent: float,
+def heldout_batches(manifest: TrainingData, seq_len: int, batch_size: int, heldout_percent: float,
                     max_batches: int) -> list[torch.Tensor]:
     """The held-out documents (by key hash), packed the same way, one pass, for eval."""
     stream = PackedStream(manifest, seq_len, 0, 1, seed=0, heldout_percent=heldout_percent, heldout=True)

@@ -7,7 +7,6 @@ Each is scored zero-shot, one-shot and few-shot; an answer counts when greedy de
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import re
@@ -16,33 +15,18 @@ from typing import Optional
 
 import torch
 
+from shard_format import TokenizerError, TokenizerRecord, encoding_for
 from trainer.data import heldout_batches, load_manifest
 from trainer.errors import TrainError
 from trainer.pretrained import load_pretrained
 
 
-def load_tokenizer(manifest_tokenizer: dict, path: Optional[str]):
-    """tiktoken encoding: from a .tiktoken file when given, else the manifest's vocab_file when it is
-    still there unchanged (both offline), else by the manifest's name."""
-    import tiktoken
-
-    recorded = manifest_tokenizer.get("vocab_file")
-    if not path and recorded and Path(recorded).is_file() and \
-            hashlib.sha256(Path(recorded).read_bytes()).hexdigest() == manifest_tokenizer.get("vocab_sha256"):
-        path = recorded
-    if path:
-        from tiktoken.load import load_tiktoken_bpe
-        from tiktoken_ext.openai_public import r50k_pat_str
-
-        if not Path(path).is_file():
-            raise TrainError(f"--tokenizer {path}: file not found")
-        eot = int(manifest_tokenizer["eot_id"])
-        return tiktoken.Encoding(manifest_tokenizer.get("name", "gpt2"), pat_str=r50k_pat_str,
-                                 mergeable_ranks=load_tiktoken_bpe(path), special_tokens={"<|endoftext|>": eot})
+def load_tokenizer(manifest_tokenizer: TokenizerRecord, path: Optional[str]):
+    """The manifest's tokenizer (`shard_format.encoding_for`); a failure is one TrainError line."""
     try:
-        return tiktoken.get_encoding(manifest_tokenizer.get("name", "gpt2"))
-    except Exception as e:  # tiktoken fetches its files on first use; offline that fails
-        raise TrainError(f"cannot load tokenizer {manifest_tokenizer.get('name')!r} ({e}); pass --tokenizer FILE") from None
+        return encoding_for(manifest_tokenizer, path)
+    except TokenizerError as e:
+        raise TrainError(f"tokenizer: {e} (give a .tiktoken file with --tokenizer)") from None
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from shard_format import MANIFEST_NAME
 from trainer.config import RunConfig
 from trainer.distributed import free_port
 from trainer.errors import TrainError
@@ -36,8 +37,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, nproc: int) -> Path:
     check_parallel(cfg, nproc)
     # Absolute data path: the run dir must mean the same thing from any working directory.
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})})
-    if not (Path(cfg.data.path) / "manifest.json").is_file():
-        raise TrainError(f"data.path: {cfg.data.path} has no manifest.json (run `pretrain data run` first, or "
+    if not (Path(cfg.data.path) / MANIFEST_NAME).is_file():
+        raise TrainError(f"data.path: {cfg.data.path} has no {MANIFEST_NAME} (run `pretrain data run` first, or "
                          f"--set data.path=DIR)")
     path = run_dir / "config.yaml"
     if path.is_file():

@@ -46,9 +46,9 @@ def register(subparsers) -> None:
 
 def _load(path: str, overrides: list[str]):
     from cluster.configio import load_config
-    from data_pipeline.config import DataConfig
+    from data_pipeline.config import PipelineConfig
 
-    return load_config(path, DataConfig, overrides)
+    return load_config(path, PipelineConfig, overrides)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -73,10 +73,10 @@ def planned_layout(run, cluster: ClusterConfig) -> list[str]:
 def resolve_data(path: Path, args: argparse.Namespace) -> tuple[str, ClusterConfig, list[str]]:
     """Validated by the pipeline's own schema, with every file and input glob made absolute: the job
     writes the config to a temporary file on the cluster, where "relative to the config" means nothing."""
-    from data_pipeline.config import DataConfig, path_bases, resolve_glob, resolve_paths
+    from data_pipeline.config import PipelineConfig, path_bases, resolve_glob, resolve_paths
 
     data = apply_overrides(read_yaml(path), list(args.overrides))
-    config = resolve_paths(validate(DataConfig, data, str(path)), path.parent)
+    config = resolve_paths(validate(PipelineConfig, data, str(path)), path.parent)
     bases = path_bases(path.parent)
     for source in config.sources:
         source.inputs = [_absolute_glob(pattern, bases, resolve_glob) for pattern in source.inputs]

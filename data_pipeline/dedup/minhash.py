@@ -1,4 +1,4 @@
-"""MinHash signatures over word 5-grams, vectorised with numpy.
+"""MinHash signatures over word n-grams (5 by default), vectorised with numpy.
 
 Words are hashed with a polynomial hash computed for all words at once from one cumulative
 sum over the text's bytes (mod 2^64, where numpy's uint64 arithmetic wraps for free); n-gram

@@ -6,14 +6,27 @@ from __future__ import annotations
 
 import re
 
-from data_pipeline.config import C4FilterConfig
 from data_pipeline.document import Document, StepStats
+from data_pipeline.schema import Section
 from data_pipeline.step import Step
 from data_pipeline.text import count_sentences
 
 CITATION_RE = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 TERMINAL_PUNCT = (".", "?", "!", '"', "'")
 POLICY_PHRASES = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+
+
+class C4FilterConfig(Section):
+    """Raffel et al. 2020, Section 2.2 (line filters rewrite the text, page filters remove it)."""
+    min_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    require_terminal_punct: bool = True
+    remove_citations: bool = True
+    drop_lorem_ipsum: bool = True
+    drop_javascript_lines: bool = True
+    drop_curly_bracket: bool = True
+    drop_policy_lines: bool = True
 
 
 class C4Filter(Step):

@@ -5,8 +5,8 @@ import re
 
 import numpy as np
 
-from data_pipeline.config import GopherQualityConfig, GopherRepetitionConfig
 from data_pipeline.document import Document
+from data_pipeline.schema import Section
 from data_pipeline.step import Filter
 from data_pipeline.text import split_words
 
@@ -15,6 +15,30 @@ LINES_RE = re.compile(r"\n+")
 BULLETS = ("•", "-")
 ELLIPSES = ("...", "…")
 NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)
+
+
+class GopherRepetitionConfig(Section):
+    """Rae et al. 2021, Table A1."""
+    dup_line_frac: float = 0.30
+    dup_para_frac: float = 0.30
+    dup_line_char_frac: float = 0.20
+    dup_para_char_frac: float = 0.20
+    top_ngram_char_frac: dict[int, float] = {2: 0.20, 3: 0.18, 4: 0.16}
+    dup_ngram_char_frac: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+
+class GopherQualityConfig(Section):
+    """Rae et al. 2021, Appendix A.1.1."""
+    min_words: int = 50
+    max_words: int = 100_000
+    min_avg_word_length: float = 3
+    max_avg_word_length: float = 10
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    min_alpha_words_ratio: float = 0.8
+    min_stop_words: int = 2
+    stop_words: list[str] = ["the", "be", "to", "of", "and", "that", "have", "with"]
 
 
 def duplicates(items: list[str]) -> tuple[int, int]:

@@ -1,17 +1,25 @@
 """Language ID with fastText lid.176: keep target languages scored at or above `min_score`."""
 from __future__ import annotations
 
-import fasttext
+from pydantic import Field
 
-from data_pipeline.config import LanguageFilterConfig
 from data_pipeline.document import Document
+from data_pipeline.schema import Section
 from data_pipeline.step import Filter
+
+
+class LanguageFilterConfig(Section):
+    model_path: str = "../shared/data/langid/lid.176.ftz"
+    languages: list[str] = ["en"]
+    min_score: float = Field(0.65, ge=0, le=1)
 
 
 class LanguageFilter(Filter):
     name = "language"
 
     def __init__(self, config: LanguageFilterConfig):
+        import fasttext  # here, so that loading a config never loads fastText
+
         self.model = fasttext.load_model(config.model_path)
         self.languages = set(config.languages)
         self.min_score = config.min_score

@@ -8,18 +8,27 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-from sklearn.feature_extraction.text import HashingVectorizer
+from pydantic import Field
 
-from data_pipeline.config import QualityClassifierConfig
 from data_pipeline.document import Document
 from data_pipeline.errors import PipelineError
+from data_pipeline.schema import Section
 from data_pipeline.step import Filter
 
 N_FEATURES = 1 << 18
 NGRAM_RANGE = (1, 2)
 
 
-def vectorizer() -> HashingVectorizer:
+class QualityClassifierConfig(Section):
+    """GPT-3 (Brown et al. 2020, App. A): keep when pareto(alpha) > 1 - score."""
+    model_path: str
+    pareto_alpha: float = Field(9.0, gt=0)
+
+
+def vectorizer():
+    """sklearn's HashingVectorizer; imported here, so that loading a config never loads sklearn."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
     return HashingVectorizer(n_features=N_FEATURES, ngram_range=NGRAM_RANGE, alternate_sign=False, norm="l2")
 
 

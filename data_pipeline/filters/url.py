@@ -4,11 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from data_pipeline.config import UrlFilterConfig
 from data_pipeline.document import Document
+from data_pipeline.schema import Section
 from data_pipeline.step import Filter
 
 BUILTIN_BLOCKLIST = Path(__file__).with_name("blocklist.txt")
+
+
+class UrlFilterConfig(Section):
+    builtin_blocklist: bool = True
+    domains: list[str] = []
+    blocklist_file: str | None = None
 
 
 def read_domains(path: Path) -> set[str]:

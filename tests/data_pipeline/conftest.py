@@ -11,7 +11,7 @@ import pytest
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import PipelineConfig
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -57,12 +57,12 @@ def write_jsonl_gz(path: Path, texts: list[str]) -> Path:
 
 @pytest.fixture
 def make_config(shared_data: Path):
-    """DataConfig for the given sources with the shared tokenizer and tiny shards."""
-    def build(sources: list[dict], **overrides) -> DataConfig:
+    """PipelineConfig for the given sources with the shared tokenizer and tiny shards."""
+    def build(sources: list[dict], **overrides) -> PipelineConfig:
         data = {"tokenizer": {"path": str(shared_data / "tokenizer/gpt2/r50k_base.tiktoken")},
                 "sources": sources, "shards": {"target_bytes": 20_000}}
         data.update(overrides)
-        return DataConfig.model_validate(data)
+        return PipelineConfig.model_validate(data)
     return build
 
 
@@ -79,7 +79,7 @@ def sample_run(tmp_path_factory, sample_config_path: Path, shared_data: Path):
     from data_pipeline.executors import RayExecutor
     from data_pipeline.run import run_pipeline
 
-    config = load_config(sample_config_path, DataConfig)
+    config = load_config(sample_config_path, PipelineConfig)
     out = tmp_path_factory.mktemp("sample_run")
     executor = RayExecutor(num_cpus=2, show_progress=False)
     try:

@@ -7,7 +7,7 @@ import pytest
 from cluster.cli import main
 from data_pipeline.report import check_counts
 from data_pipeline.shards import iter_samples
-from data_pipeline.tokenization import load_encoding
+from shard_format import load_encoding
 
 pytestmark = pytest.mark.slow
 

@@ -4,16 +4,16 @@ import pytest
 import yaml
 
 from cluster.configio import ConfigError, load_config
-from data_pipeline.config import DataConfig, resolve_paths
+from data_pipeline.config import PipelineConfig, resolve_paths
 from data_pipeline.errors import PipelineError
 
 
 def test_shipped_configs_load(repo_root):
-    sample = load_config(repo_root / "configs/data/sample.yaml", DataConfig)
+    sample = load_config(repo_root / "configs/data/sample.yaml", PipelineConfig)
     assert sample.shards.target_bytes < 10_000_000
-    fetched = load_config(repo_root / "configs/data/sample-fetched.yaml", DataConfig)
+    fetched = load_config(repo_root / "configs/data/sample-fetched.yaml", PipelineConfig)
     assert [s.name for s in fetched.sources] == ["web", "books", "wiki"]
-    gpt3 = load_config(repo_root / "configs/data/gpt3-mixture.yaml", DataConfig)
+    gpt3 = load_config(repo_root / "configs/data/gpt3-mixture.yaml", PipelineConfig)
     assert {s.name: s.weight for s in gpt3.sources} == {"common_crawl": 0.60, "webtext2": 0.22, "books1": 0.08,
                                                          "books2": 0.08, "wikipedia": 0.03}
     assert gpt3.dedup.minhash.bands == 14 and gpt3.dedup.minhash.rows == 8
@@ -30,12 +30,12 @@ def test_bad_configs_name_the_file_and_key(tmp_path, change, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError) as err:
-        load_config(path, DataConfig)
+        load_config(path, PipelineConfig)
     assert str(path) in str(err.value) and message in str(err.value)
 
 
 def test_overrides_apply(repo_root):
-    config = load_config(repo_root / "configs/data/sample.yaml", DataConfig, ["shards.target_bytes=1234", "seed=3"])
+    config = load_config(repo_root / "configs/data/sample.yaml", PipelineConfig, ["shards.target_bytes=1234", "seed=3"])
     assert config.shards.target_bytes == 1234 and config.seed == 3
 
 
@@ -43,7 +43,7 @@ def test_paths_resolve_against_config_dir_then_cwd(tmp_path, shared_data, monkey
     config_dir = tmp_path / "configs"
     config_dir.mkdir()
     (config_dir / "tok.tiktoken").write_bytes((shared_data / "tokenizer/gpt2/r50k_base.tiktoken").read_bytes())
-    config = DataConfig.model_validate({"tokenizer": {"path": "tok.tiktoken"},
+    config = PipelineConfig.model_validate({"tokenizer": {"path": "tok.tiktoken"},
                                         "sources": [{"name": "b", "weight": 1, "format": "books", "inputs": ["x"]}]})
     assert resolve_paths(config, config_dir).tokenizer.path == str(config_dir / "tok.tiktoken")
     monkeypatch.chdir(config_dir)

@@ -1,6 +1,6 @@
 import time
 
-from data_pipeline.config import ExtractConfig
+from data_pipeline.extract import ExtractConfig
 from data_pipeline.document import Document, StepStats
 from data_pipeline.extract import ExtractHtml
 from tests.data_pipeline.conftest import html_page, prose

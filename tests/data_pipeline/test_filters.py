@@ -2,15 +2,14 @@
 import numpy as np
 import pytest
 
-from data_pipeline.config import (C4FilterConfig, FineWebFilterConfig, GopherQualityConfig, GopherRepetitionConfig,
-                                  LanguageFilterConfig, QualityClassifierConfig, UrlFilterConfig)
 from data_pipeline.document import Document, StepStats
-from data_pipeline.filters.c4 import C4Filter
-from data_pipeline.filters.fineweb import FineWebFilter
-from data_pipeline.filters.gopher import GopherQuality, GopherRepetition, duplicates
-from data_pipeline.filters.language import LanguageFilter
-from data_pipeline.filters.quality import N_FEATURES, QualityClassifierFilter, save_model
-from data_pipeline.filters.url import UrlBlocklist
+from data_pipeline.filters.c4 import C4Filter, C4FilterConfig
+from data_pipeline.filters.fineweb import FineWebFilter, FineWebFilterConfig
+from data_pipeline.filters.gopher import (GopherQuality, GopherQualityConfig, GopherRepetition, GopherRepetitionConfig,
+                                          duplicates)
+from data_pipeline.filters.language import LanguageFilter, LanguageFilterConfig
+from data_pipeline.filters.quality import N_FEATURES, QualityClassifierConfig, QualityClassifierFilter, save_model
+from data_pipeline.filters.url import UrlBlocklist, UrlFilterConfig
 from tests.data_pipeline.conftest import prose
 
 

@@ -9,7 +9,7 @@ from data_pipeline.executors import LocalExecutor
 from data_pipeline.report import check_counts
 from data_pipeline.run import run_pipeline
 from data_pipeline.shards import iter_samples
-from data_pipeline.tokenization import load_encoding
+from shard_format import load_encoding
 from data_pipeline.verify import verify
 from tests.data_pipeline.conftest import html_page, prose, write_warc
 

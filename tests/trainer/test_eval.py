@@ -1,9 +1,8 @@
-import hashlib
 import math
 import random
 
 from tests.trainer.conftest import REPO
-from trainer.eval import addition_examples, evaluate, load_tokenizer, next_word_examples
+from trainer.eval import addition_examples, evaluate, next_word_examples
 
 
 def test_tasks_are_generated_locally():
@@ -24,12 +23,3 @@ def test_eval_reports_heldout_perplexity_and_accuracy_per_shot_count(dense_run, 
         accs = result["few_shot"][task]
         assert set(accs) == {"0-shot", "1-shot", "3-shot"} and all(0.0 <= v <= 1.0 for v in accs.values())
     assert result["few_shot_examples"]["next_word"] > 0
-
-
-def test_tokenizer_comes_from_the_manifests_vocab_file(shared_data):
-    path = shared_data / "tokenizer" / "gpt2" / "r50k_base.tiktoken"
-    recorded = {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256, "vocab_file": str(path),
-                "vocab_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    enc = load_tokenizer(recorded, None)
-    assert enc.encode("Hello world") == [15496, 995]
-    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]

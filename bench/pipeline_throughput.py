@@ -1,7 +1,7 @@
 """Benchmark: our filter chain and MinHash against datatrove's equivalent steps, and tiktoken
 against Hugging Face `tokenizers`, on the same real documents in the same process.
 
-    .venv/bin/python bench/data_pipeline.py [--data ../shared/data] [--json OUT]
+    .venv/bin/python bench/pipeline_throughput.py [--data ../shared/data] [--json OUT]
 
 Documents: the books split into ~5,000-character documents, the Wikipedia excerpt's
 articles, and the crawl's HTML pages extracted to text. Chain: language ID -> Gopher
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,24 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-# This file shares the package's name; drop its own directory so `data_pipeline` is the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from data_pipeline.config import (C4FilterConfig, ExtractConfig, FineWebFilterConfig, GopherQualityConfig,
-                                  GopherRepetitionConfig, LanguageFilterConfig)
 from data_pipeline.dedup.minhash import MinHasher
 from data_pipeline.document import Document, StepStats
-from data_pipeline.extract import ExtractHtml
-from data_pipeline.filters.c4 import C4Filter
-from data_pipeline.filters.fineweb import FineWebFilter
-from data_pipeline.filters.gopher import GopherQuality, GopherRepetition
-from data_pipeline.filters.language import LanguageFilter
+from data_pipeline.extract import ExtractConfig, ExtractHtml
+from data_pipeline.filters.c4 import C4Filter, C4FilterConfig
+from data_pipeline.filters.fineweb import FineWebFilter, FineWebFilterConfig
+from data_pipeline.filters.gopher import GopherQuality, GopherQualityConfig, GopherRepetition, GopherRepetitionConfig
+from data_pipeline.filters.language import LanguageFilter, LanguageFilterConfig
 from data_pipeline.readers import READERS
 from data_pipeline.readers.text import split_text
 from data_pipeline.step import run_steps
-from data_pipeline.tokenization import load_encoding
+from shard_format import load_encoding
 
-REPO = Path(__file__).resolve().parent.parent  # noqa: E402 (after the sys.path fix)
+REPO = Path(__file__).resolve().parent.parent
 RULES = ["language", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
 
 
