@@ -3,7 +3,7 @@ accumulation, activation checkpointing) that fits N GPUs of M GB, with the memor
 the step time it implies, or a clear reason why nothing fits.
 
 Every GPU is a data-parallel rank (the engine has ZeRO and expert parallelism, no tensor or
-pipeline parallelism). Model states come from `trainer.model.counting.memory_per_gpu`; this
+pipeline parallelism). Model states come from `trainer.zero_memory.memory_per_gpu`; this
 module adds what a training step holds besides them, following the model code in
 trainer/model/: the tensors autograd saves per block, the cross-entropy buffers over the
 vocabulary, MoE dispatch buffers, and DeepSpeed's communication buffers.
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 from trainer.config import ModelConfig
-from trainer.model.counting import (DEEPSPEED_BUCKET_ELEMENTS, comm_bucket_elements, flops_per_token, memory_per_gpu,
-                                    param_counts)
+from trainer.model.counting import flops_per_token, param_counts
+from trainer.zero_memory import DEEPSPEED_BUCKET_ELEMENTS, comm_bucket_elements, memory_per_gpu
 
 Precision = Literal["bf16", "fp16", "fp32"]
 GB = 1e9

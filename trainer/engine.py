@@ -27,7 +27,7 @@ from torch import nn
 
 from trainer.config import RunConfig
 from trainer.launch import free_port
-from trainer.model.counting import comm_bucket_elements
+from trainer.zero_memory import comm_bucket_elements
 
 
 def init_distributed() -> None:

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def model_info(cfg, dp: int, ep: int, precision: str, seq_len: int | None) -> dict:
-    from trainer.model.counting import flops_per_token, memory_per_gpu, param_counts
+    from trainer.model.counting import flops_per_token, param_counts
+    from trainer.zero_memory import memory_per_gpu
 
     counts = param_counts(cfg)
     memory = {}
