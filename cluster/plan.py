@@ -169,10 +169,10 @@ def default_global_batch(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def expert_parallel_sizes(cfg: ModelConfig, gpus: int) -> list[int]:
-    """Sizes that divide both the experts and the data-parallel ranks (DeepSpeed MoE's rule)."""
+    """The sizes the trainer accepts for this model on `gpus` data-parallel ranks."""
     if cfg.moe is None:
         return [1]
-    return [e for e in range(1, cfg.moe.num_experts + 1) if gpus % e == 0 and cfg.moe.num_experts % e == 0]
+    return [e for e in range(1, cfg.moe.num_experts + 1) if cfg.expert_parallel_error(e, gpus) is None]
 
 
 def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int):
@@ -180,7 +180,7 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int):
     fewer expert-parallel ranks (less all-to-all), larger micro batches (fewer, fuller steps)."""
     per_rank = global_batch // gpus
     micro_batches = sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True)
-    # The trainer refuses ZeRO-3 with experts (trainer/launch.py: check_parallel).
+    # The trainer refuses ZeRO-3 with experts (RunConfig.for_world).
     stages = [0, 1, 2] if cfg.moe is not None else [0, 1, 2, 3]
     for ckpt, stage, ep, micro in itertools.product((False, True), stages, expert_parallel_sizes(cfg, gpus),
                                                     micro_batches):

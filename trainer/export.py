@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from trainer import checkpoint
-from trainer.config import RunConfig
+from trainer.configio import read_run_config
 from trainer.errors import TrainError
 
 
@@ -17,7 +16,7 @@ def load_model(path: str | Path):
     from trainer.model.gpt import GPT
 
     step_dir = checkpoint.resolve(path)
-    cfg = RunConfig.model_validate(yaml.safe_load((step_dir / "config.yaml").read_text()))
+    cfg = read_run_config(step_dir / "config.yaml")
     model = GPT(cfg.model)
     model.load_state_dict(checkpoint.fit_to_model(model, checkpoint.consolidate(step_dir), step_dir), strict=True)
     return model.eval(), cfg, step_dir

@@ -17,28 +17,20 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from deepspeed.accelerator import get_accelerator
 
 from trainer import checkpoint
 from trainer.config import RunConfig
+from trainer.configio import read_run_config
 from trainer.data import TrainLoader, load_manifest
 from trainer.engine import build_engine, expert_parallel_group, init_distributed, shutdown_distributed
-from trainer.errors import TrainError
-from trainer.launch import check_parallel
+from trainer.errors import ConfigError, TrainError
 from trainer.malloc import keep_freed_memory
 from trainer.metrics import MetricsLogger, flops_for, moe_fields, progress_line
 from trainer.schedule import accumulation_at, lr_at
 from trainer.stability import SpikeMonitor
 
 log = logging.getLogger("trainer")
-
-
-def read_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise TrainError(f"{path}: not found (start runs with `pretrain train CONFIG`)")
-    return RunConfig.model_validate(yaml.safe_load(path.read_text()))
 
 
 def rng_state() -> dict:
@@ -76,9 +68,10 @@ def build_model(cfg: RunConfig, rank: int, ep_group):
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
+        self.run_dir = run_dir
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.full_accum = check_parallel(cfg, self.world)
+        self.cfg = cfg = cfg.for_world(self.world)  # refuses a config saved for another world size
+        self.full_accum = cfg.gradient_accumulation
         self.ckpt_root = run_dir / "checkpoints"
         self.config_yaml = (run_dir / "config.yaml").read_text()
         ep_group = expert_parallel_group(cfg.parallel.ep_size) if cfg.model.moe is not None else None
@@ -269,7 +262,7 @@ def setup_logging(rank: int) -> None:
 
 def train(run_dir: Path) -> int:
     """Train in this process (rank and world from the launcher's environment, or 0 of 1)."""
-    cfg = read_config(run_dir)
+    cfg = read_run_config(run_dir / "config.yaml")
     init_distributed()
     setup_logging(dist.get_rank())
     if get_accelerator().device_name() == "cpu":
@@ -290,7 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return train(args.run_dir)
-    except TrainError as e:
+    except (TrainError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -31,12 +31,11 @@ def memory_per_gpu(cfg: ModelConfig, zero_stage: int, dp_size: int, ep_size: int
 
     Stage 1 partitions optimizer states over the data-parallel ranks, stage 2 also gradients,
     stage 3 also weights. Expert parameters are first split over the `ep_size` expert-parallel
-    ranks, and their ZeRO partitioning is over the dp_size / ep_size ranks that hold the same experts.
+    ranks, and their ZeRO partitioning is over the dp_size / ep_size ranks that hold the same experts
+    (ep_size divides dp_size: callers check with `ModelConfig.expert_parallel_error`).
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
-    if dp_size % ep_size:
-        raise ValueError(f"ep_size {ep_size} does not divide dp_size {dp_size}")
     counts = param_counts(cfg)
     groups = ((counts.total - counts.expert, dp_size), (counts.expert / ep_size, dp_size // ep_size))
     w_bytes, g_bytes, o_bytes = _BYTES[precision]

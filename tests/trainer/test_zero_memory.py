@@ -1,8 +1,6 @@
 """ZeRO model-state memory per GPU from the config alone, as the planner and `pretrain model info` use it."""
 from __future__ import annotations
 
-import pytest
-
 from trainer.config import ModelConfig, MoEConfig
 from trainer.model.counting import param_counts
 from trainer.zero_memory import memory_per_gpu
@@ -27,5 +25,5 @@ def test_memory_shards_experts_over_expert_parallel_ranks():
     est = memory_per_gpu(cfg, zero_stage=1, dp_size=8, ep_size=4)
     assert est.weights == 2 * (dense + counts.expert / 4)
     assert est.optimizer == 12 * (dense / 8 + counts.expert / 4 / 2)
-    with pytest.raises(ValueError):
-        memory_per_gpu(cfg, zero_stage=1, dp_size=6, ep_size=4)
+    # 6 ranks do not split into expert-parallel groups of 4: the config type refuses that layout.
+    assert cfg.expert_parallel_error(4, 6) == "4 does not divide the data-parallel size 6"
