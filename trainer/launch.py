@@ -1,6 +1,11 @@
-"""Start a run: lay the config out for the world size, write RUN/config.yaml (resolved) and run
-`trainer.main` in N local processes. One process trains in this process; several go through
-torchrun (one node; multi-node launch is the cluster tools' job)."""
+"""Start a run on this machine. `prepare_run_dir` lays the config out for the world size and saves
+it as RUN/config.yaml (multi-node jobs call it once, through cluster/submit/prepare.py); `launch`
+then starts the ranks, each `trainer.main`: one in this process, or N through torchrun.
+
+`python -m trainer.launch ARGS` is torchrun (`torch.distributed.run`, same arguments) that reports
+a rank's user error once: a rank that hits a TrainError prints `error: ...` and exits 2, and plain
+torchrun would print a traceback of its own ChildFailedError under it, which reads like a crash.
+"""
 from __future__ import annotations
 
 import os
@@ -8,10 +13,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 from trainer.config import RunConfig
 from trainer.configio import dump_yaml, read_run_config
 from trainer.errors import TrainError
+
+USER_ERROR = 2  # trainer.main's exit status for a user error
 
 
 def free_port() -> int:
@@ -41,14 +49,36 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, world: int) -> Path:
 
 
 def launch(run_dir: Path, nproc: int) -> int:
+    """Train the prepared run dir with `nproc` local processes."""
     if nproc == 1:
         from trainer.main import train
 
         return train(run_dir)
-    cmd = [sys.executable, "-m", "trainer.torchrun", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+    cmd = [sys.executable, "-m", "trainer.launch", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "trainer.main", str(run_dir)]
     repo = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     # torchrun would set 1 thread per process, with a banner; share the cores out instead (1 on 2 cores x 2 ranks).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(cmd, env=env)
+
+
+def torchrun(argv: Optional[list[str]] = None) -> int:
+    """torchrun's exit status, but 2 without a launcher traceback when every failed rank had a user error."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        codes = {failure.exitcode for failure in e.failures.values()}
+        # The agent stops the other ranks with a signal (negative exit code) once one has failed.
+        if USER_ERROR in codes and all(code == USER_ERROR or code < 0 for code in codes):
+            return USER_ERROR
+        print(e.format_msg(), file=sys.stderr)  # each rank has already printed its own traceback
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun())

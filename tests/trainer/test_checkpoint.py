@@ -101,11 +101,11 @@ def test_resume_refuses_weights_that_do_not_fit_the_model(dense_run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_multiprocess_user_error_exits_2_without_a_launcher_traceback(dense_run, tmp_path):
-    """trainer.torchrun (what `pretrain train --nproc N` runs): ranks print the error, the launcher adds no
-    traceback of its own and exits 2. Here: a 1-process run (global batch = micro batch) resumed by 2 processes."""
+    """trainer.launch's torchrun (what `pretrain train --nproc N` runs): ranks print the error, the launcher adds
+    no traceback of its own and exits 2. Here: a 1-process run (global batch = micro batch) resumed by 2 processes."""
     run = tmp_path / "run"
     shutil.copytree(dense_run, run)
-    cmd = [sys.executable, "-m", "trainer.torchrun", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    cmd = [sys.executable, "-m", "trainer.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "trainer.main", str(run)]
     proc = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stderr[-3000:]
