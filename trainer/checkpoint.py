@@ -21,6 +21,7 @@ import torch.distributed as dist
 from deepspeed.utils import groups
 from deepspeed.utils.tensor_fragment import safe_get_full_fp32_param
 
+from trainer import testing_hooks
 from trainer.errors import TrainError
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,7 @@ def full_fp32_state(engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(engine, root: Path, step: int, trainer_state: dict, config_yaml: str, keep_last: int,
-         pause_before_commit_s: float = 0.0) -> Path:
+def save(engine, root: Path, step: int, trainer_state: dict, config_yaml: str, keep_last: int) -> Path:
     """Collective. Returns the step dir."""
     tag = f"step-{step}"
     path = root / tag
@@ -116,8 +116,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, config_yaml: str, k
     if rank == 0:
         atomic_write(path / "config.yaml", config_yaml)
     dist.barrier()
-    if pause_before_commit_s:
-        time.sleep(pause_before_commit_s)  # testing aid: a window to kill the run mid-checkpoint
+    testing_hooks.before_commit()
     if rank == 0:
         meta = {"step": step, "world_size": dist.get_world_size(), "time": time.time()}
         atomic_write(path / COMPLETE, json.dumps(meta))

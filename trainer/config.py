@@ -87,7 +87,6 @@ class DataConfig(Section):
     heldout_percent: float = Field(1.0, ge=0.0, lt=100.0, description="documents held out for `pretrain eval`, by key hash")
     on_corrupt: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0, description="data loader worker processes per rank")
-    verify: bool = Field(True, description="check every shard's sha256 against the manifest before reading it")
 
 
 class TrainConfig(Section):
@@ -111,8 +110,6 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     loss_spike_factor: PositiveFloat = Field(2.0, description="a loss above factor x running mean counts as a spike")
     loss_spike_patience: PositiveInt = Field(3, description="consecutive spikes that trigger a rollback")
-    inject_nonfinite_step: Optional[int] = Field(None, description="testing aid: make the loss non-finite at this step")
-    step_delay_s: float = Field(0.0, ge=0.0, description="testing aid: sleep after each step (lets tests kill a run mid-way)")
 
 
 class ParallelConfig(Section):
@@ -126,8 +123,6 @@ class CheckpointConfig(Section):
     interval: PositiveInt = Field(1000, description="save every N optimizer steps")
     keep_last: PositiveInt = 3
     save_on_sigterm: bool = True
-    pause_before_commit_s: float = Field(0.0, ge=0.0, description="testing aid: pause between writing a checkpoint and "
-                                         "marking it complete (lets tests kill a run mid-checkpoint)")
 
 
 class LoggingConfig(Section):

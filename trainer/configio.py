@@ -14,6 +14,9 @@ from trainer.config import RunConfig
 from trainer.errors import ConfigError
 
 T = TypeVar("T", bound=BaseModel)
+# Keys older versions wrote into RUN/config.yaml and checkpoints: dropped so those still load.
+RETIRED_KEYS = (("data", "verify"), ("train", "inject_nonfinite_step"), ("train", "step_delay_s"),
+                ("checkpoint", "pause_before_commit_s"))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -61,4 +64,8 @@ def read_run_config(path: Path) -> RunConfig:
     """A config a launcher saved: RUN/config.yaml, or a checkpoint's copy of it."""
     if not path.is_file():
         raise ConfigError(f"{path}: not found (start runs with `pretrain train CONFIG`)")
-    return validate(RunConfig, read_yaml(path), str(path))
+    data = read_yaml(path)
+    for section, key in RETIRED_KEYS:
+        if isinstance(data.get(section), dict):
+            data[section].pop(key, None)
+    return validate(RunConfig, data, str(path))

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from trainer import checkpoint
+from trainer import checkpoint, testing_hooks
 from trainer.config import RunConfig
 from trainer.configio import read_run_config
 from trainer.data import TrainLoader, load_manifest
@@ -127,8 +127,7 @@ class Trainer:
 
     def save(self) -> Path:
         c = self.cfg.checkpoint
-        path = checkpoint.save(self.engine, self.ckpt_root, self.step, self._state(), self.config_yaml,
-                               c.keep_last, c.pause_before_commit_s)
+        path = checkpoint.save(self.engine, self.ckpt_root, self.step, self._state(), self.config_yaml, c.keep_last)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -146,7 +145,7 @@ class Trainer:
         batch = batch.to(self.engine.device, non_blocking=True)  # the loader yields CPU tensors
         out = self.engine(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
         loss = out.loss
-        if self.step + 1 == self.cfg.train.inject_nonfinite_step:
+        if self.step + 1 == testing_hooks.nonfinite_step():
             loss = loss * float("nan")
         self.engine.backward(loss)
         self.engine.step()
@@ -241,8 +240,7 @@ class Trainer:
             if self.stop_requested:
                 log.warning("stopped by SIGTERM at step %d; the checkpoint is saved, rerun to resume", self.step)
                 return 0
-            if t.step_delay_s:
-                time.sleep(t.step_delay_s)
+            testing_hooks.after_step()
         if last_saved != self.step:
             self.save()
         return 0

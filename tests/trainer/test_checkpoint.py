@@ -10,7 +10,7 @@ import torch
 
 from tests.trainer.conftest import (REPO, child_env, free_port, launch_cmd, make_run, read_metrics, run_training,
                                     train_in_process)
-from trainer import checkpoint
+from trainer import checkpoint, testing_hooks
 from trainer.config import ModelConfig, MoEConfig
 from trainer.errors import TrainError
 
@@ -49,8 +49,9 @@ def test_consolidation_concatenates_expert_shards(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, shard_dir):
-    run = make_run(tmp_path / "run", shard_dir, train={"max_steps": 6, "step_delay_s": 0.2})
-    proc = subprocess.Popen(launch_cmd(run, 1, 0), env=child_env(), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    run = make_run(tmp_path / "run", shard_dir, train={"max_steps": 6})
+    env = {**child_env(), testing_hooks.STEP_DELAY_S: "0.2"}
+    proc = subprocess.Popen(launch_cmd(run, 1, 0), env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not ((run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 2):
         assert proc.poll() is None and time.time() < deadline
