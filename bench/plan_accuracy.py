@@ -48,7 +48,7 @@ def _train_steps(run, device: str, engine_kind: str) -> list[float]:
     import torch
 
     t = run.train
-    accum = run.check_batch(1)
+    accum = run.for_world(1).gradient_accumulation
     step = _deepspeed_step(run, accum) if engine_kind == "deepspeed" else _torch_step(run, device, accum)
     gen = torch.Generator().manual_seed(0)
     times = []
@@ -126,7 +126,8 @@ def estimate(config: str, device: str) -> dict:
 
     run = load_run_config(config)
     t = run.train
-    layout = Layout(run.parallel.zero_stage, 1, 1, t.micro_batch_size, run.check_batch(1), t.activation_checkpointing)
+    accum = run.for_world(1).gradient_accumulation
+    layout = Layout(run.parallel.zero_stage, 1, 1, t.micro_batch_size, accum, t.activation_checkpointing)
     memory = estimate_memory(run.model, layout, t.seq_len, t.precision)
     peak = _device_peak(t.precision, device)
     flops, seconds = step_time_s(run.model, t.seq_len, t.global_batch_size, 1, run.cluster.assumed_mfu, peak / 1e12,

@@ -1,37 +1,21 @@
-"""Load YAML configs into the typed schemas, apply `--set a.b=c` overrides, and turn every
-validation failure into one line that names the file and the key."""
+"""The CLI's side of loading configs: `--set a.b=c` overrides and `model:` paths, on top of the
+trainer's reader and validator (trainer/configio.py), so every failure is one line naming the
+file and the key."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from trainer.config import ModelConfig, RunConfig
+from cluster.config import JobConfig
+from trainer.config import ModelConfig
+from trainer.configio import read_yaml, validate
+from trainer.errors import ConfigError
 
 T = TypeVar("T", bound=BaseModel)
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(Exception):
-    """A config the user wrote is invalid; the message names the file and the key."""
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -61,26 +45,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def format_validation_error(source: str, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        # Cross-field validators already start their message with the dotted key they blame.
-        names_key = re.match(r"^[\w.]+: ", msg) is not None
-        lines.append(f"{source}: {msg}" if names_key or not e["loc"] else f"{source}: {key}: {msg}")
-    return "\n".join(lines)
-
-
-def validate(schema: type[T], data: dict[str, Any], source: str) -> T:
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(source, e)) from None
+def is_train_yaml(data: dict[str, Any]) -> bool:
+    """A train YAML (a run: model, data, train...) rather than a model YAML or a data-pipeline YAML."""
+    return "model" in data or "train" in data
 
 
 def _resolve_model(data: dict[str, Any], source: Path) -> None:
@@ -100,34 +67,24 @@ def _resolve_model(data: dict[str, Any], source: Path) -> None:
                       f"current directory and in {CONFIGS_DIR})")
 
 
-def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """A train YAML with its `model:` inlined and the overrides applied, validated whole."""
     path = Path(path)
     data = read_yaml(path)
     _resolve_model(data, path)
     apply_overrides(data, list(overrides))
-    return validate(RunConfig, data, str(path))
+    return validate(JobConfig, data, str(path))
 
 
 def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfig:
-    """A model YAML, or a run YAML (its model section)."""
+    """A model YAML, or a train YAML's model (the whole train YAML is validated)."""
     path = Path(path)
-    data = read_yaml(path)
-    if "model" in data or "train" in data:
-        _resolve_model(data, path)
-        data = apply_overrides(data, list(overrides))
-        model = data.get("model")
-        if not isinstance(model, dict):
-            raise ConfigError(f"{path}: model: expected a model section or a path to a model YAML")
-        return validate(ModelConfig, model, f"{path} (model section)")
-    apply_overrides(data, list(overrides))
-    return validate(ModelConfig, data, str(path))
+    if is_train_yaml(read_yaml(path)):
+        return load_run_config(path, overrides).model
+    return load_config(path, ModelConfig, overrides)
 
 
 def load_config(path: str | Path, schema: type[T], overrides: list[str] = ()) -> T:
-    """Any other schema (the data pipeline's, the cluster's)."""
+    """Any other schema (the data pipeline's, the cluster's, a model's)."""
     data = apply_overrides(read_yaml(path), list(overrides))
     return validate(schema, data, str(path))
-
-
-def dump_yaml(config: BaseModel) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -3,7 +3,7 @@ accumulation, activation checkpointing) that fits N GPUs of M GB, with the memor
 the step time it implies, or a clear reason why nothing fits.
 
 Every GPU is a data-parallel rank (the engine has ZeRO and expert parallelism, no tensor or
-pipeline parallelism). Model states come from `trainer.model.counting.memory_per_gpu`; this
+pipeline parallelism). Model states come from `trainer.zero_memory.memory_per_gpu`; this
 module adds what a training step holds besides them, following the model code in
 trainer/model/: the tensors autograd saves per block, the cross-entropy buffers over the
 vocabulary, MoE dispatch buffers, and DeepSpeed's communication buffers.
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 from trainer.config import ModelConfig
-from trainer.model.counting import (DEEPSPEED_BUCKET_ELEMENTS, comm_bucket_elements, flops_per_token, memory_per_gpu,
-                                    param_counts)
+from trainer.model.counting import flops_per_token, param_counts
+from trainer.zero_memory import DEEPSPEED_BUCKET_ELEMENTS, comm_bucket_elements, memory_per_gpu
 
 Precision = Literal["bf16", "fp16", "fp32"]
 GB = 1e9
@@ -169,10 +169,10 @@ def default_global_batch(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def expert_parallel_sizes(cfg: ModelConfig, gpus: int) -> list[int]:
-    """Sizes that divide both the experts and the data-parallel ranks (DeepSpeed MoE's rule)."""
+    """The sizes the trainer accepts for this model on `gpus` data-parallel ranks."""
     if cfg.moe is None:
         return [1]
-    return [e for e in range(1, cfg.moe.num_experts + 1) if gpus % e == 0 and cfg.moe.num_experts % e == 0]
+    return [e for e in range(1, cfg.moe.num_experts + 1) if cfg.expert_parallel_error(e, gpus) is None]
 
 
 def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int):
@@ -180,7 +180,7 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int):
     fewer expert-parallel ranks (less all-to-all), larger micro batches (fewer, fuller steps)."""
     per_rank = global_batch // gpus
     micro_batches = sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True)
-    # The trainer refuses ZeRO-3 with experts (trainer/launch.py: check_parallel).
+    # The trainer refuses ZeRO-3 with experts (RunConfig.for_world).
     stages = [0, 1, 2] if cfg.moe is not None else [0, 1, 2, 3]
     for ckpt, stage, ep, micro in itertools.product((False, True), stages, expert_parallel_sizes(cfg, gpus),
                                                     micro_batches):

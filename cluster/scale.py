@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 import yaml
 
-from cluster.configio import CONFIGS_DIR, load_model_config, load_run_config, read_yaml
+from cluster.configio import CONFIGS_DIR, is_train_yaml, load_config, load_run_config
 from trainer.config import ModelConfig, RunConfig
+from trainer.configio import read_yaml
 
 Target = Literal["cpu", "single-gpu"]
 
@@ -75,12 +76,11 @@ def _base_run(model: ModelConfig) -> dict[str, Any]:
 
 def scale_config(path: str | Path, target: Target, overrides: list[str] = ()) -> RunConfig:
     """A whole run config: the scaled model, the target's train sizes, single-process parallelism."""
-    data = read_yaml(path)
-    if "model" in data and "data" in data:
-        run = load_run_config(path, overrides).model_dump(mode="json")
-        model = ModelConfig.model_validate(run["model"])
+    if is_train_yaml(read_yaml(path)):
+        job = load_run_config(path, overrides)
+        model, run = job.model, job.model_dump(mode="json", exclude={"cluster"})
     else:
-        model = load_model_config(path, overrides)
+        model = load_config(path, ModelConfig, overrides)
         run = _base_run(model)
     scaled = scale_model(model, target)
     run["model"] = scaled.model_dump(mode="json", exclude_none=True)
@@ -89,7 +89,6 @@ def scale_config(path: str | Path, target: Target, overrides: list[str] = ()) ->
     run["train"] = {**run.get("train", {}), **TARGETS[target].train,
                     "batch_rampup_tokens": 0, "activation_checkpointing": False}
     run["parallel"] = {"zero_stage": 0, "ep_size": 1}
-    run.pop("cluster", None)
     return RunConfig.model_validate(run)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from shard_format import atomic_write
-from trainer import weight_shards
+from trainer import testing_hooks, weight_shards
 from trainer.errors import TrainError
 from trainer.expert_parallel import is_expert
 
@@ -62,8 +62,7 @@ def resolve(path: str | Path) -> Path:
     raise TrainError(f"{path}: no complete checkpoint found (looked for step-N/{COMPLETE})")
 
 
-def save(engine, root: Path, step: int, trainer_state: dict, config_yaml: str, keep_last: int, layout: dict,
-         pause_before_commit_s: float = 0.0) -> Path:
+def save(engine, root: Path, step: int, trainer_state: dict, config_yaml: str, keep_last: int, layout: dict) -> Path:
     """Collective. `layout`: world_size, zero_stage, ep_size, recorded in COMPLETE. Returns the step dir."""
     tag = f"step-{step}"
     path = root / tag
@@ -77,8 +76,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, config_yaml: str, k
     if rank == 0:
         atomic_write(path / "config.yaml", config_yaml)
     dist.barrier()
-    if pause_before_commit_s:
-        time.sleep(pause_before_commit_s)  # testing aid: a window to kill the run mid-checkpoint
+    testing_hooks.before_commit()
     if rank == 0:
         meta = {"step": step, **layout, "time": time.time()}
         atomic_write(path / COMPLETE, json.dumps(meta))
@@ -106,8 +104,7 @@ def load(engine, path: Path, layout: dict) -> dict:
     saved = {key: meta.get(key) for key in layout}
     if saved != layout:
         raise TrainError(f"{path} was written by {describe(saved)}; this run has {describe(layout)}. Resume with "
-                         f"the same --nproc and parallel settings, or start a new --run-dir from its weights "
-                         f"(`pretrain checkpoint consolidate`)")
+                         "the same --nproc and parallel settings (DeepSpeed's optimizer partitions follow the layout)")
     weights = weight_shards.ShardedWeights(path)
     check_resumable(engine, path, weights, layout["ep_size"])
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)

@@ -1,16 +1,18 @@
 """Typed schemas for everything a training run reads: model, data, train, parallel,
-checkpoint, logging and cluster sections.
+checkpoint and logging sections.
 
 Every section forbids unknown keys, so a typo is an error that names the key rather
 than a silently ignored setting. Cross-field rules that only make sense for a whole
 run (batch arithmetic, sequence vs position table, experts vs expert-parallel size)
-live on `RunConfig`.
+live on `RunConfig`, and so does the layout for a number of processes (`for_world`).
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from trainer.errors import TrainError
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
 
@@ -69,6 +71,15 @@ class ModelConfig(Section):
         """Switch places a MoE FFN in every `every`-th block, starting with the second (layers 1, 3, ...)."""
         return self.moe is not None and (layer + 1) % self.moe.every == 0
 
+    def expert_parallel_error(self, ep_size: int, dp_size: Optional[int] = None) -> Optional[str]:
+        """Why `ep_size` ranks cannot share this model's experts over `dp_size` data-parallel ranks, or
+        None. DeepSpeed MoE's rule: ep_size divides both the experts and the data-parallel size."""
+        if self.moe is not None and self.moe.num_experts % ep_size:
+            return f"{ep_size} does not divide model.moe.num_experts={self.moe.num_experts}"
+        if dp_size is not None and dp_size % ep_size:
+            return f"{ep_size} does not divide the data-parallel size {dp_size}"
+        return None
+
 
 class DataConfig(Section):
     path: str = Field(..., description="a data output dir holding manifest.json (written by `pretrain data run`)")
@@ -76,7 +87,6 @@ class DataConfig(Section):
     heldout_percent: float = Field(1.0, ge=0.0, lt=100.0, description="documents held out for `pretrain eval`, by key hash")
     on_corrupt: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0, description="data loader worker processes per rank")
-    verify: bool = Field(True, description="check every shard's sha256 against the manifest before reading it")
 
 
 class TrainConfig(Section):
@@ -100,22 +110,19 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     loss_spike_factor: PositiveFloat = Field(2.0, description="a loss above factor x running mean counts as a spike")
     loss_spike_patience: PositiveInt = Field(3, description="consecutive spikes that trigger a rollback")
-    inject_nonfinite_step: Optional[int] = Field(None, description="testing aid: make the loss non-finite at this step")
-    step_delay_s: float = Field(0.0, ge=0.0, description="testing aid: sleep after each step (lets tests kill a run mid-way)")
 
 
 class ParallelConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 1
     ep_size: PositiveInt = Field(1, description="expert-parallel group size (MoE models)")
-    data_parallel_size: Optional[PositiveInt] = Field(None, description="default: the world size at launch")
+    data_parallel_size: Optional[PositiveInt] = Field(None, description="the number of processes; the launcher "
+                                                      "sets it (RunConfig.for_world) when it saves the run's config")
 
 
 class CheckpointConfig(Section):
     interval: PositiveInt = Field(1000, description="save every N optimizer steps")
     keep_last: PositiveInt = 3
     save_on_sigterm: bool = True
-    pause_before_commit_s: float = Field(0.0, ge=0.0, description="testing aid: pause between writing a checkpoint and "
-                                         "marking it complete (lets tests kill a run mid-checkpoint)")
 
 
 class LoggingConfig(Section):
@@ -127,27 +134,6 @@ class LoggingConfig(Section):
     sample_log: bool = Field(False, description="write RUN/samples/rank-R.jsonl: a hash of every micro-batch consumed")
 
 
-class ClusterConfig(Section):
-    backend: Literal["local", "ray", "slurm", "k8s", "ssh"] = "local"
-    nodes: PositiveInt = 1
-    gpus_per_node: int = Field(0, ge=0)
-    gpu_memory_gb: Optional[PositiveFloat] = None
-    address: Optional[str] = None
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    time_limit: str = "48:00:00"
-    image: str = "rayproject/ray:2.40.0-py311-gpu"
-    namespace: str = "default"
-    assumed_mfu: float = Field(0.4, gt=0.0, le=1.0)
-    gpu_tflops: PositiveFloat = Field(312.0, description="peak dense bf16 TFLOP/s of one GPU, for step-time "
-                                                          "estimates (A100: 312, H100 SXM: 989)")
-    cpus_per_node: PositiveInt = Field(8, description="CPU cores requested per node (SLURM, KubeRay pods)")
-    memory_per_node_gb: PositiveInt = Field(64, description="host memory requested per node (KubeRay pods)")
-    python: Optional[str] = Field(None, description="interpreter on the cluster; default: this one for "
-                                                    "slurm/ssh (shared filesystem), `python` for ray/k8s images")
-    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=G` lines) for backend ssh")
-
-
 class RunConfig(Section):
     """A whole training run: what `pretrain train` reads and saves as RUN/config.yaml."""
 
@@ -157,29 +143,38 @@ class RunConfig(Section):
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
-    cluster: ClusterConfig = ClusterConfig()
+    cluster: Optional[dict[str, Any]] = Field(None, description="where the run was submitted, as the cluster "
+                                              "tools resolved it (their schema); the trainer does not read it")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         m, t, p = self.model, self.train, self.parallel
         if t.seq_len > m.n_ctx:
             raise ValueError(f"train.seq_len: {t.seq_len} is longer than the position table model.n_ctx={m.n_ctx}")
-        if m.moe is not None and m.moe.num_experts % p.ep_size:
-            raise ValueError(f"parallel.ep_size: {p.ep_size} does not divide model.moe.num_experts={m.moe.num_experts}")
+        if problem := m.expert_parallel_error(p.ep_size):
+            raise ValueError(f"parallel.ep_size: {problem}")
         if m.moe is None and p.ep_size != 1:
             raise ValueError(f"parallel.ep_size: {p.ep_size} needs a MoE model (model.moe is not set)")
-        if p.data_parallel_size is not None:
-            self.check_batch(p.data_parallel_size)
         if t.global_batch_size % t.micro_batch_size:
             raise ValueError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
                              f"train.micro_batch_size={t.micro_batch_size}")
+        if p.data_parallel_size is not None:
+            self._check_layout(p.data_parallel_size)
         return self
 
-    def check_batch(self, dp_size: int) -> int:
-        """Gradient accumulation steps for `dp_size` data-parallel ranks; raises when the batch doesn't add up."""
-        t, p = self.train, self.parallel
-        if dp_size % p.ep_size:
-            raise ValueError(f"parallel.ep_size: {p.ep_size} does not divide the data-parallel size {dp_size}")
+    def _check_layout(self, dp_size: int) -> None:
+        """The rules that need the number of data-parallel ranks."""
+        m, p = self.model, self.parallel
+        if m.moe is not None and p.zero_stage == 3:
+            raise ValueError("parallel.zero_stage: ZeRO-3 with a MoE model is not supported: ZeRO-3 would partition "
+                             "each rank's own experts over all data-parallel ranks and gather them back as if they "
+                             "were replicas; use zero_stage 1 or 2 (experts are then sharded by parallel.ep_size)")
+        if problem := m.expert_parallel_error(p.ep_size, dp_size):
+            raise ValueError(f"parallel.ep_size: {problem}")
+        self._accumulation(dp_size)
+
+    def _accumulation(self, dp_size: int) -> int:
+        t = self.train
         per_step = t.micro_batch_size * dp_size
         accum = t.gradient_accumulation_steps or t.global_batch_size // per_step
         if accum < 1 or accum * per_step != t.global_batch_size:
@@ -187,3 +182,31 @@ class RunConfig(Section):
                 f"train.global_batch_size: {t.global_batch_size} != train.micro_batch_size ({t.micro_batch_size}) x "
                 f"gradient accumulation ({accum}) x data-parallel size ({dp_size})")
         return accum
+
+    @property
+    def gradient_accumulation(self) -> int:
+        """Micro-batches per rank in a full-batch step, once the layout is known (`for_world`)."""
+        if self.parallel.data_parallel_size is None:
+            raise TrainError("parallel.data_parallel_size: not set (start runs with `pretrain train CONFIG`)")
+        return self._accumulation(self.parallel.data_parallel_size)
+
+    def for_world(self, world: int) -> "RunConfig":
+        """This run over `world` processes: a validated copy with parallel.data_parallel_size set.
+        TrainError naming the key when the layout cannot run, or the config was saved for another world."""
+        saved = self.parallel.data_parallel_size
+        if saved is not None and saved != world:
+            raise TrainError(f"parallel.data_parallel_size: {saved}, but {world} processes were started")
+        if self.train.precision == "fp16" and not _has_gpu():  # this machine, not the file: not in the validator
+            raise TrainError("train.precision: fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
+        data = self.model_dump()
+        data["parallel"]["data_parallel_size"] = world
+        try:
+            return type(self).model_validate(data)
+        except ValidationError as e:
+            raise TrainError("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+
+
+def _has_gpu() -> bool:
+    import torch  # here: the schemas load without torch (`pretrain model info`, the planner)
+
+    return torch.cuda.is_available()

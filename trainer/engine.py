@@ -24,8 +24,8 @@ from trainer.config import RunConfig
 from trainer.distributed import expert_parallel_group
 from trainer.expert_parallel import apply_expert_parallel, is_expert
 from trainer.initialize import initialize
-from trainer.model.counting import comm_bucket_elements
 from trainer.model.moe import SwitchFFN
+from trainer.zero_memory import comm_bucket_elements
 
 
 def ds_config(cfg: RunConfig, world: int, accum: int) -> dict:

@@ -18,30 +18,22 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from deepspeed.accelerator import get_accelerator
 
-from trainer import checkpoint
+from trainer import checkpoint, testing_hooks
 from trainer.config import RunConfig
+from trainer.configio import read_run_config
 from trainer.data import TrainLoader, load_manifest
 from trainer.distributed import init_distributed, shutdown_distributed
 from trainer.engine import build_engine, build_model
-from trainer.errors import TrainError
+from trainer.errors import ConfigError, TrainError
 from trainer.logs import setup_logging, stdout_to_log
-from trainer.launch import check_parallel
 from trainer.malloc import keep_freed_memory
 from trainer.metrics import MetricsLogger, flops_for, moe_fields, progress_line
 from trainer.schedule import accumulation_at, lr_at
 from trainer.stability import SpikeMonitor
 
 log = logging.getLogger("trainer")
-
-
-def read_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise TrainError(f"{path}: not found (start runs with `pretrain train CONFIG`)")
-    return RunConfig.model_validate(yaml.safe_load(path.read_text()))
 
 
 def rng_state() -> dict:
@@ -72,9 +64,10 @@ def seed_training_rngs(seed: int, rank: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
+        self.run_dir = run_dir
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.full_accum = check_parallel(cfg, self.world)
+        self.cfg = cfg = cfg.for_world(self.world)  # refuses a config saved for another world size
+        self.full_accum = cfg.gradient_accumulation
         self.ckpt_root = run_dir / "checkpoints"
         self.layout = {"world_size": self.world, "zero_stage": cfg.parallel.zero_stage, "ep_size": cfg.parallel.ep_size}
         self.config_yaml = (run_dir / "config.yaml").read_text()
@@ -132,7 +125,7 @@ class Trainer:
     def save(self) -> Path:
         c = self.cfg.checkpoint
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, self._state(), self.config_yaml,
-                               c.keep_last, self.layout, c.pause_before_commit_s)
+                               c.keep_last, self.layout)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -150,7 +143,7 @@ class Trainer:
         batch = batch.to(self.engine.device, non_blocking=True)  # the loader yields CPU tensors
         out = self.engine(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
         loss = out.loss
-        if self.step + 1 == self.cfg.train.inject_nonfinite_step:
+        if self.step + 1 == testing_hooks.nonfinite_step():
             loss = loss * float("nan")
         self.engine.backward(loss)
         self.engine.step()
@@ -245,8 +238,7 @@ class Trainer:
             if self.stop_requested:
                 log.warning("stopped by SIGTERM at step %d; the checkpoint is saved, rerun to resume", self.step)
                 return 0
-            if t.step_delay_s:
-                time.sleep(t.step_delay_s)
+            testing_hooks.after_step()
         if last_saved != self.step:
             self.save()
         return 0
@@ -259,7 +251,7 @@ class Trainer:
 
 def train(run_dir: Path) -> int:
     """Train in this process (rank and world from the launcher's environment, or 0 of 1)."""
-    cfg = read_config(run_dir)
+    cfg = read_run_config(run_dir / "config.yaml")
     setup_logging(int(os.environ.get("RANK", "0")), run_dir)
     with stdout_to_log("deepspeed"):
         init_distributed()
@@ -281,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return train(args.run_dir)
-    except TrainError as e:
+    except (TrainError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

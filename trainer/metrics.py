@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 GPU_PEAKS = {"H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
              "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
              "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}}
-SECRET_ENV = ("WANDB_API_KEY",)
 
 
 def measure_cpu_peak(seconds: float = 0.5, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
@@ -128,15 +127,6 @@ def progress_line(r: dict, max_steps: int) -> str:
     if r.get("skipped_steps"):
         parts.append(f"skipped {r['skipped_steps']}")
     return "  ".join(p for p in parts if p)
-
-
-def scrub_secrets(text: str) -> str:
-    """Used on anything echoed from the environment: never print an API key."""
-    for name in SECRET_ENV:
-        secret = os.environ.get(name)
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 def flops_for(cfg: RunConfig) -> float:

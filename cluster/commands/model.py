@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def model_info(cfg, dp: int, ep: int, precision: str, seq_len: int | None) -> dict:
-    from trainer.model.counting import flops_per_token, memory_per_gpu, param_counts
+    from trainer.model.counting import flops_per_token, param_counts
+    from trainer.zero_memory import memory_per_gpu
 
     counts = param_counts(cfg)
     memory = {}
@@ -63,10 +64,10 @@ def run_info(args: argparse.Namespace) -> int:
     from cluster.configio import ConfigError, load_model_config
 
     cfg = load_model_config(args.config, args.overrides)
-    if args.dp < 1 or args.ep < 1 or args.dp % args.ep:
-        raise ConfigError(f"--dp {args.dp} / --ep {args.ep}: both must be >= 1 and --ep must divide --dp")
-    if cfg.moe and cfg.moe.num_experts % args.ep:
-        raise ConfigError(f"--ep {args.ep} does not divide model.moe.num_experts={cfg.moe.num_experts}")
+    if args.dp < 1 or args.ep < 1:
+        raise ConfigError(f"--dp {args.dp} / --ep {args.ep}: both must be >= 1")
+    if problem := cfg.expert_parallel_error(args.ep, args.dp):
+        raise ConfigError(f"--ep: {problem}")
     info = model_info(cfg, args.dp, args.ep, args.precision, args.seq_len)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -26,20 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def plan_from_args(args: argparse.Namespace):
-    from cluster.configio import load_model_config, load_run_config, read_yaml
+    from cluster.config import ClusterConfig
+    from cluster.configio import is_train_yaml, load_config, load_run_config
     from cluster.errors import ClusterError
     from cluster.plan import make_plan
-    from trainer.config import ClusterConfig, TrainConfig
+    from trainer.config import ModelConfig, TrainConfig
+    from trainer.configio import read_yaml
 
     if args.gpus < 1 or args.gpu_memory_gb <= 0:
         raise ClusterError("--gpus must be >= 1 and --gpu-memory-gb > 0")
-    data = read_yaml(args.config)
     train, cluster, batch = TrainConfig(), ClusterConfig(), None
-    if "model" in data and "data" in data:  # a whole run config
+    if is_train_yaml(read_yaml(args.config)):
         run = load_run_config(args.config, args.overrides)
         model, train, cluster, batch = run.model, run.train, run.cluster, run.train.global_batch_size
     else:
-        model = load_model_config(args.config, args.overrides)
+        model = load_config(args.config, ModelConfig, args.overrides)
     return make_plan(model, args.gpus, args.gpu_memory_gb,
                      seq_len=args.seq_len or (train.seq_len if batch else None),
                      global_batch=args.global_batch or batch,

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from cluster.report import write_report
+    from cluster.dashboard import write_report
 
     print(f"dashboard: {write_report(args.directory, args.out).resolve()}")
     return 0

@@ -39,13 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _register_jobs(sub: argparse._SubParsersAction) -> None:
     jobs = sub.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")
     jsub = jobs.add_subparsers(dest="jobs_command", metavar="COMMAND", required=True)
-    for name, helptext in (("list", "all jobs"), ("status", "a job's status"),
-                           ("logs", "a job's logs"), ("stop", "stop a job")):
+    for name, (helptext, handler) in JOBS_COMMANDS.items():
         q = jsub.add_parser(name, help=helptext)
         if name != "list":
             q.add_argument("job_id", help="the submission id printed by `pretrain submit`")
         q.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)")
-        q.set_defaults(func=globals()[f"run_jobs_{name}"])
+        q.set_defaults(func=handler)
     jsub.choices["status"].add_argument("--wait", action="store_true",
                                         help="wait until the job has ended; exit 1 unless it SUCCEEDED")
     jsub.choices["logs"].add_argument("--follow", "-f", action="store_true",
@@ -65,19 +64,18 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def _submit_ray(job, args) -> int:
-    from cluster import jobs
     from cluster.submit import ray_jobs
 
     if args.dry_run:
-        print(f"entrypoint: {ray_jobs.entrypoint(job, jobs.is_local(args.address))}")
+        print(f"entrypoint: {ray_jobs.entrypoint(job, ray_jobs.is_local(args.address))}")
         print(f"runtime_env.env_vars.{ray_jobs.CONFIG_ENV}:\n{job.resolved_yaml}")
         return 0
     job_id = ray_jobs.submit(job, args.address)
-    print(f"submitted {job.kind} job {job_id} to {jobs.resolve_address(args.address)}; output: {job.output_dir}")
+    print(f"submitted {job.kind} job {job_id} to {ray_jobs.resolve_address(args.address)}; output: {job.output_dir}")
     if not args.follow:
         print(f"follow it with: pretrain jobs logs {job_id} --follow")
         return 0
-    state = jobs.follow(args.address, job_id)
+    state = ray_jobs.follow(args.address, job_id)
     print(f"job {job_id}: {state}")
     return 0 if state == "SUCCEEDED" else 1
 
@@ -119,9 +117,9 @@ def _submit_ssh(job, args) -> int:
 
 
 def run_jobs_list(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from cluster.submit import ray_jobs
 
-    rows = jobs.list_jobs(args.address)
+    rows = ray_jobs.list_jobs(args.address)
     print(f"{'SUBMISSION ID':40} {'STATUS':10} {'STARTED':19} ENTRYPOINT")
     for j in rows:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"
@@ -130,28 +128,32 @@ def run_jobs_list(args: argparse.Namespace) -> int:
 
 
 def run_jobs_status(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from cluster.submit import ray_jobs
 
-    state = jobs.wait(args.address, args.job_id) if args.wait else jobs.status(args.address, args.job_id)
-    job = jobs.info(args.address, args.job_id)
+    state = ray_jobs.wait(args.address, args.job_id) if args.wait else ray_jobs.status(args.address, args.job_id)
+    job = ray_jobs.info(args.address, args.job_id)
     print(f"{args.job_id}: {state}" + (f" ({job.message})" if job.message else ""))
     return 0 if not args.wait or state == "SUCCEEDED" else 1
 
 
 def run_jobs_logs(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from cluster.submit import ray_jobs
 
     if args.follow:
-        state = jobs.follow(args.address, args.job_id)
+        state = ray_jobs.follow(args.address, args.job_id)
         print(f"job {args.job_id}: {state}", file=sys.stderr)
         return 0 if state == "SUCCEEDED" else 1
-    sys.stdout.write(jobs.logs(args.address, args.job_id))
+    sys.stdout.write(ray_jobs.logs(args.address, args.job_id))
     return 0
 
 
 def run_jobs_stop(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from cluster.submit import ray_jobs
 
-    state = jobs.stop(args.address, args.job_id, wait_s=0 if args.no_wait else 60)
+    state = ray_jobs.stop(args.address, args.job_id, wait_s=0 if args.no_wait else 60)
     print(f"{args.job_id}: {state}")
     return 0
+
+
+JOBS_COMMANDS = {"list": ("all jobs", run_jobs_list), "status": ("a job's status", run_jobs_status),
+                 "logs": ("a job's logs", run_jobs_logs), "stop": ("stop a job", run_jobs_stop)}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from trainer.config import ClusterConfig
+from cluster.config import ClusterConfig
 
 JobKind = Literal["train", "data"]
 

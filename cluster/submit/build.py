@@ -11,14 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from cluster.configio import apply_overrides, dump_yaml, load_config, load_run_config, read_yaml, validate
+from cluster.config import ClusterConfig
+from cluster.configio import apply_overrides, is_train_yaml, load_config, load_run_config
 from cluster.errors import ClusterError
 from cluster.submit import Job, JobKind
-from trainer.config import ClusterConfig
-
-
-def job_kind(data: dict) -> JobKind:
-    return "train" if "model" in data or "train" in data else "data"
+from trainer.configio import dump_yaml, read_yaml, validate
 
 
 def cluster_config(base: ClusterConfig, args: argparse.Namespace) -> ClusterConfig:
@@ -30,10 +27,7 @@ def cluster_config(base: ClusterConfig, args: argparse.Namespace) -> ClusterConf
     values.update({k: v for k, v in flags.items() if v is not None})
     if values["backend"] == "local":
         raise ClusterError("no backend: pass --backend ray|slurm|k8s|ssh (or set cluster.backend)")
-    try:
-        return ClusterConfig.model_validate(values)
-    except ValueError as e:
-        raise ClusterError(f"cluster settings: {str(e).splitlines()[-1].strip()}") from None
+    return validate(ClusterConfig, values, "cluster settings")
 
 
 def _absolute(path: str) -> str:
@@ -103,7 +97,7 @@ def default_name(kind: JobKind, config: Path) -> str:
 
 def build_job(args: argparse.Namespace) -> Job:
     path = Path(args.config).resolve()
-    kind = job_kind(read_yaml(path))
+    kind: JobKind = "train" if is_train_yaml(read_yaml(path)) else "data"
     resolved, cluster, overrides = (resolve_train if kind == "train" else resolve_data)(path, args)
     name = args.name or default_name(kind, path)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):

@@ -1,8 +1,7 @@
-"""Prepares a run dir once, before any rank of a multi-node job starts: validates the config for
-the job's real world size (batch arithmetic, expert parallelism) and saves the resolved config as
-RUN/config.yaml through the trainer's own `prepare_run_dir`. Every rank then runs
-`python -m trainer.main RUN`, as torchrun's ranks do for `pretrain train --nproc N`; preparing
-once also means no rank reads config.yaml while another is writing it.
+"""Prepares a multi-node job's run dir once, before any rank starts: lays the user's train YAML out
+for the job's real world size and saves it as RUN/config.yaml (`trainer.launch.prepare_run_dir`, as
+`pretrain train` does), so no rank reads the config while another writes it. Every rank then runs
+`python -m trainer.main RUN_DIR`.
 
     python -m cluster.submit.prepare CONFIG RUN_DIR --world N [--set KEY=VALUE ...]
 """
@@ -21,7 +20,7 @@ def prepare(config: str, run_dir: str, world: int, overrides: list[str] = ()) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cluster.cli import user_errors
+    from cluster.errors import USER_ERRORS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         prepare(args.config, args.run_dir, args.world, args.overrides)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -27,6 +27,7 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.errors import USER_ERRORS
 from cluster.submit import data_command, rank_command
 from cluster.submit.prepare import prepare
 from cluster.submit.ray_jobs import CONFIG_ENV
@@ -123,12 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.kind == "data":
         return data(config_text, args.out)
-    from cluster.cli import user_errors
-
     ray.init()
     try:
         return train(config_text, args.out, args.nodes, args.gpus_per_node)
-    except user_errors() as e:  # e.g. a batch that does not divide over this job's ranks
+    except USER_ERRORS as e:  # e.g. a batch that does not divide over this job's ranks
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -95,7 +95,7 @@ def ray_head():
 
 
 def _wait_for_jobs_api(address: str, timeout_s: float = 60) -> None:
-    from cluster.jobs import list_jobs
+    from cluster.submit.ray_jobs import list_jobs
 
     deadline = time.monotonic() + timeout_s
     while True:

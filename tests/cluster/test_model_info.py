@@ -55,8 +55,17 @@ def test_zero_stages_shrink_memory_per_gpu(capsys):
 
 def test_info_accepts_a_train_config(capsys, tmp_path):
     run = tmp_path / "run.yaml"
-    run.write_text(f"model: {CONFIGS / 'model' / 'tiny-gpt.yaml'}\ndata: {{path: x}}\n")
+    run.write_text(f"model: {CONFIGS / 'model' / 'tiny-gpt.yaml'}\ndata: {{path: x}}\ntrain: {{seq_len: 64}}\n")
     assert info(capsys, str(run))["name"] == "tiny-gpt"
+
+
+def test_info_refuses_a_train_config_with_an_unknown_key(capsys, tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model: {CONFIGS / 'model' / 'tiny-gpt.yaml'}\ndata: {{path: x}}\ntrain: {{seq_len: 64}}\n"
+                   "optimiser: {lr: 1}\n")
+    assert main(["model", "info", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {run}: optimiser: unknown key"
 
 
 def test_table_output_mentions_every_stage(capsys):

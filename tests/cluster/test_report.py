@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.report import build_report
+from cluster.dashboard import build_report
 from tests.cluster.png import read_png
 
 CHART_BORDER = (227, 227, 227)  # .chart{border:1px solid #e3e3e3}

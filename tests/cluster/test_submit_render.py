@@ -148,8 +148,8 @@ def test_plan_flag_puts_the_planned_layout_into_the_job(capsys, hostile_config, 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].glob("configs/cluster/*.yaml")),
                          ids=lambda p: p.stem)
 def test_shipped_cluster_configs_validate(path):
+    from cluster.config import ClusterConfig
     from cluster.configio import load_config
-    from trainer.config import ClusterConfig
 
     assert load_config(path, ClusterConfig).backend in {"ray", "slurm", "k8s", "ssh"}
 

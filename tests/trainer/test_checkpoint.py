@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tests.trainer.conftest import (REPO, child_env, free_port, launch_cmd, make_run, read_metrics, run_training,
                                     train_in_process)
-from trainer import checkpoint, weight_shards
+from trainer import checkpoint, testing_hooks, weight_shards
 from trainer.errors import TrainError
 from trainer.tensorfile import SafetensorsWriter
 
@@ -62,8 +62,9 @@ def test_consolidation_joins_every_ranks_fragments(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, shard_dir):
-    run = make_run(tmp_path / "run", shard_dir, train={"max_steps": 6, "step_delay_s": 0.2})
-    proc = subprocess.Popen(launch_cmd(run, 1, 0), env=child_env(), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    run = make_run(tmp_path / "run", shard_dir, train={"max_steps": 6})
+    env = {**child_env(), testing_hooks.STEP_DELAY_S: "0.2"}
+    proc = subprocess.Popen(launch_cmd(run, 1, 0), env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not ((run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 2):
         assert proc.poll() is None and time.time() < deadline
@@ -93,11 +94,11 @@ def test_resume_refuses_weights_that_do_not_fit_the_model(dense_run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_multiprocess_user_error_exits_2_without_a_launcher_traceback(dense_run, tmp_path):
-    """trainer.torchrun (what `pretrain train --nproc N` runs): ranks print the error, the launcher adds no
-    traceback of its own and exits 2. Here: a 1-process run (global batch = micro batch) resumed by 2 processes."""
+    """trainer.launch's torchrun (what `pretrain train --nproc N` runs): ranks print the error, the launcher adds
+    no traceback of its own and exits 2. Here: a 1-process run (global batch = micro batch) resumed by 2 processes."""
     run = tmp_path / "run"
     shutil.copytree(dense_run, run)
-    cmd = [sys.executable, "-m", "trainer.torchrun", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    cmd = [sys.executable, "-m", "trainer.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "trainer.main", str(run)]
     proc = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from cluster.configio import ConfigError, load_model_config, load_run_config
-from trainer.config import RunConfig
+from trainer.configio import dump_yaml, read_run_config
+from trainer.errors import TrainError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODEL_YAMLS = sorted((CONFIGS / "model").glob("*.yaml"))
@@ -62,13 +63,21 @@ def test_override_applies_and_parses_types(tmp_path):
 
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_run_config(write_run(tmp_path))
-    again = RunConfig.model_validate(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))))
-    assert again == cfg
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(cfg))
+    assert read_run_config(saved).model_dump(mode="json") == cfg.model_dump(mode="json")
 
 
 def test_batch_arithmetic_gives_accumulation(tmp_path):
     cfg = load_run_config(write_run(tmp_path, train={"global_batch_size": 16, "micro_batch_size": 2}))
-    assert cfg.check_batch(dp_size=2) == 4
+    assert cfg.for_world(2).gradient_accumulation == 4
+
+
+def test_a_config_laid_out_for_another_world_size_is_refused(tmp_path):
+    cfg = load_run_config(write_run(tmp_path)).for_world(2)
+    assert cfg.parallel.data_parallel_size == 2
+    with pytest.raises(TrainError, match=r"^parallel.data_parallel_size: 2, but 1 processes were started$"):
+        cfg.for_world(1)
 
 
 BAD = [
@@ -82,6 +91,8 @@ BAD = [
     ("global batch not a multiple of micro", dict(train={"global_batch_size": 5}), [], "train.global_batch_size"),
     ("batch != micro x accum x dp", dict(parallel={"data_parallel_size": 2},
                                          train={"gradient_accumulation_steps": 3}), [], "train.global_batch_size"),
+    ("ep size vs data-parallel size", dict(parallel={"ep_size": 4, "data_parallel_size": 6}), [],
+     "parallel.ep_size: 4 does not divide the data-parallel size 6"),
     ("sequence longer than positions", dict(train={"seq_len": 4096}), [], "train.seq_len"),
     ("zero stage out of range", dict(parallel={"zero_stage": 4}), [], "parallel.zero_stage"),
     ("unknown precision", dict(train={"precision": "fp8"}), [], "train.precision"),

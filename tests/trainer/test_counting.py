@@ -1,4 +1,4 @@
-"""Analytic parameter counts, FLOPs and memory: exact against real models, close to the GPT-3 paper."""
+"""Analytic parameter counts and FLOPs: exact against real models, close to the GPT-3 paper."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import yaml
 
 from trainer.config import ModelConfig, MoEConfig
 from trainer.model import GPT
-from trainer.model.counting import flops_per_token, memory_per_gpu, param_counts
+from trainer.model.counting import flops_per_token, param_counts
 from trainer.model.experts import SwitchExperts
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
@@ -73,26 +73,3 @@ def test_flops_formula():
     assert flops_per_token(banded) == 6 * n + 12 * 16 * (64 + 8)
     gpt3 = ModelConfig(n_layer=96, d_model=12288, n_head=96)
     assert flops_per_token(gpt3) == pytest.approx(6 * 175e9, rel=0.05)
-
-
-def test_memory_follows_zero_stages():
-    cfg = ModelConfig(n_layer=2, n_head=2, d_model=16, vocab_size=100)
-    p = param_counts(cfg).total
-    stages = [memory_per_gpu(cfg, stage, dp_size=4) for stage in range(4)]
-    assert (stages[0].weights, stages[0].grads, stages[0].optimizer) == (2 * p, 2 * p, 12 * p)
-    assert stages[1].optimizer == 3 * p and stages[1].grads == 2 * p
-    assert stages[2].grads == p / 2 and stages[2].weights == 2 * p
-    assert stages[3].weights == p / 2 and stages[3].total == 4 * p
-    fp32 = memory_per_gpu(cfg, 0, dp_size=1, precision="fp32")
-    assert fp32.total == 16 * p
-
-
-def test_memory_shards_experts_over_expert_parallel_ranks():
-    cfg = ModelConfig(n_layer=2, n_head=2, d_model=16, vocab_size=100, moe=MoEConfig(num_experts=8, every=1))
-    counts = param_counts(cfg)
-    dense = counts.total - counts.expert
-    est = memory_per_gpu(cfg, zero_stage=1, dp_size=8, ep_size=4)
-    assert est.weights == 2 * (dense + counts.expert / 4)
-    assert est.optimizer == 12 * (dense / 8 + counts.expert / 4 / 2)
-    with pytest.raises(ValueError):
-        memory_per_gpu(cfg, zero_stage=1, dp_size=6, ep_size=4)

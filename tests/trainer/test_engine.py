@@ -1,8 +1,10 @@
+import math
+
 import pytest
-import torch
 import yaml
 
 from tests.trainer.conftest import free_port, make_run, read_metrics, run_training, train_in_process
+from trainer import weight_shards
 from trainer.config import ModelConfig
 from trainer.engine import param_groups
 from trainer.errors import TrainError
@@ -45,7 +47,7 @@ def test_switch_in_one_process(tmp_path, shard_dir, zero):
     assert train_in_process(run) == 0
     m = read_metrics(run)
     assert m[4]["loss"] < m[1]["loss"] and len(m[4]["expert_load"][0]) == 4
-    assert (run / "checkpoints" / "step-4" / "model-ep0.pt").is_file()
+    assert (run / "checkpoints" / "step-4" / "weights-rank0.safetensors").is_file()
 
 
 def test_zero3_with_experts_is_refused_with_a_reason(tmp_path, shard_dir):
@@ -59,7 +61,7 @@ def test_zero3_with_experts_is_refused_with_a_reason(tmp_path, shard_dir):
 @pytest.mark.parametrize("model,zero,ep", [("tiny-gpt", 1, 1), ("tiny-gpt", 2, 1), ("tiny-gpt", 3, 1),
                                            ("tiny-switch", 1, 2)])
 def test_two_processes_train_and_checkpoint(tmp_path, shard_dir, model, zero, ep):
-    """Loss falls, MoE statistics are logged, and the final checkpoint holds every expert."""
+    """Loss falls, MoE statistics are logged, and the final checkpoint holds every expert, each rank's part in its own file."""
     run = make_run(tmp_path / "run", shard_dir, model=model, parallel={"zero_stage": zero, "ep_size": ep},
                    train={"max_steps": 8, "global_batch_size": 8}, checkpoint={"interval": 4})
     run_training(run, nproc=2, port=free_port())
@@ -71,9 +73,12 @@ def test_two_processes_train_and_checkpoint(tmp_path, shard_dir, model, zero, ep
     if model == "tiny-switch":
         assert {"aux_loss", "z_loss", "dropped_frac", "expert_load"} <= set(m[8])
         assert len(m[8]["expert_load"]) == 1 and len(m[8]["expert_load"][0]) == 4
-        assert sorted(p.name for p in step.glob("model-ep*.pt")) == ["model-ep0.pt", "model-ep1.pt"]
-        shards = [torch.load(step / f"model-ep{e}.pt", weights_only=True) for e in (0, 1)]
-        w = "transformer.h.1.mlp.experts.w_fc"
-        assert shards[0][w].shape[0] == 2 and not torch.equal(shards[0][w], shards[1][w])  # different experts
-        assert torch.equal(shards[0]["transformer.h.0.attn.c_attn.weight"],
-                           shards[1]["transformer.h.0.attn.c_attn.weight"])  # dense weights replicated
+    assert sorted(p.name for p in step.glob("weights-rank*.safetensors")) == [
+        "weights-rank0.safetensors", "weights-rank1.safetensors"]
+    weights = weight_shards.ShardedWeights(step)
+    written = [sum(n for pieces in weights.pieces.values() for _, n, r in pieces if r == rank) for rank in (0, 1)]
+    total = sum(math.prod(shape) for shape in weights.shapes.values())
+    assert sum(written) == total and max(written) < 0.6 * total  # each rank writes its own part, never the whole
+    if model == "tiny-switch":  # each expert-parallel rank writes its own 2 of the 4 experts
+        assert sorted((start, r) for start, _, r in weights.pieces["transformer.h.1.mlp.experts.w_fc"]) == [
+            (0, 0), (weights.pieces["transformer.h.1.mlp.experts.w_fc"][0][1], 1)]

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.trainer.conftest import REPO, child_env, free_port, launch_cmd, make_run, read_metrics, run_training
+from trainer import testing_hooks
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 STEPS = 20
@@ -29,10 +30,11 @@ def set_config(run, section, **values):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
-def run_until_killed(run, condition, timeout=180):
-    """Start training, SIGKILL the launcher and both ranks as soon as `condition()` holds."""
-    proc = subprocess.Popen(launch_cmd(run, 2, free_port()), env=child_env(), cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def run_until_killed(run, condition, hook_env, timeout=180):
+    """Start training with the testing hooks in `hook_env`, SIGKILL the launcher and both ranks as soon as
+    `condition()` holds."""
+    proc = subprocess.Popen(launch_cmd(run, 2, free_port()), env={**child_env(), **hook_env}, cwd=REPO,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
         while not condition():
@@ -74,10 +76,10 @@ def straight(tmp_path_factory, shard_dir):
 @pytest.fixture(scope="module")
 def killed_after_checkpoint(tmp_path_factory, shard_dir):
     run = new_run(tmp_path_factory.mktemp("killed") / "run", shard_dir)
-    set_config(run, "train", step_delay_s=0.2)  # so the kill lands between step 10 and 20
     latest = run / "checkpoints" / "latest"
-    run_until_killed(run, lambda: latest.is_file() and latest.read_text() == "step-10")
-    set_config(run, "train", step_delay_s=0.0)
+    # The step delay makes the kill land between step 10 and 20.
+    run_until_killed(run, lambda: latest.is_file() and latest.read_text() == "step-10",
+                     {testing_hooks.STEP_DELAY_S: "0.2"})
     return run
 
 
@@ -93,11 +95,11 @@ def test_kill_during_checkpoint_writing_resumes_from_the_last_complete_one(strai
                                                                            tmp_path):
     run = tmp_path / "run"
     shutil.copytree(killed_after_checkpoint, run)
-    set_config(run, "checkpoint", interval=5, pause_before_commit_s=60)
+    set_config(run, "checkpoint", interval=5)
     half = run / "checkpoints" / "step-15"
-    run_until_killed(run, lambda: (half / "trainer-rank1.json").is_file() and (half / "model-ep1.pt").is_file())
+    run_until_killed(run, lambda: (half / "trainer-rank1.json").is_file() and (half / "weights-rank1.safetensors").is_file(),
+                     {testing_hooks.PAUSE_BEFORE_COMMIT_S: "60"})
     assert not (half / "COMPLETE").exists() and (run / "checkpoints" / "latest").read_text() == "step-10"
-    set_config(run, "checkpoint", pause_before_commit_s=0)
     proc = run_training(run, nproc=2, port=free_port())
     assert "skipping checkpoint" in proc.stderr and "step-15" in proc.stderr
     assert_same_run(straight, run)

@@ -1,14 +1,15 @@
 import pytest
 
 from tests.trainer.conftest import make_run, read_metrics, train_in_process
+from trainer import testing_hooks
 from trainer.errors import TrainError
 from trainer.stability import SpikeMonitor
 
 
 @pytest.mark.parametrize("zero", [0, 1])
-def test_nonfinite_loss_is_skipped_and_counted(tmp_path, shard_dir, capfd, zero):
-    run = make_run(tmp_path / "run", shard_dir, train={"max_steps": 6, "inject_nonfinite_step": 3},
-                   parallel={"zero_stage": zero})
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path, shard_dir, capfd, monkeypatch, zero):
+    run = make_run(tmp_path / "run", shard_dir, train={"max_steps": 6}, parallel={"zero_stage": zero})
+    monkeypatch.setenv(testing_hooks.NONFINITE_STEP, "3")
     assert train_in_process(run) == 0
     m = read_metrics(run)
     assert [m[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]

@@ -1,4 +1,4 @@
-"""Parameter counts, training FLOPs and per-GPU memory, computed from the config alone.
+"""Parameter counts and training FLOPs, computed from the config alone.
 
 Nothing here builds a model, so a 175B GPT-3 or a 2048-expert Switch-C is answered instantly.
 The counts equal `GPT(cfg).num_params()` exactly (tests hold them to it).
@@ -6,7 +6,7 @@ The counts equal `GPT(cfg).num_params()` exactly (tests hold them to it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 from trainer.config import ModelConfig
 
@@ -18,16 +18,6 @@ class ParamCounts:
     non_embedding: int  # total without token and position embeddings
     embedding: int  # token table plus a learned position table
     expert: int  # all expert weights (what expert parallelism shards)
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per GPU for model states; activations and temporary buffers are not included."""
-
-    weights: float
-    grads: float
-    optimizer: float
-    total: float
 
 
 def _ffn_params(d_model: int, d_ff: int, bias: bool) -> int:
@@ -73,46 +63,3 @@ def flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None) -> float:
     banded = cfg.n_layer // 2 if cfg.attention == "alternating" else 0
     ctx_sum = (cfg.n_layer - banded) * T + banded * min(cfg.local_window, T)
     return 6.0 * n + 12.0 * cfg.d_model * ctx_sum
-
-
-# Bytes per parameter (ZeRO paper, Rajbhandari et al. 2020): mixed precision keeps 16-bit weights and
-# grads plus fp32 master weights, momentum and variance (12); fp32 keeps 4 + 4 and Adam's 8.
-_BYTES = {"bf16": (2, 2, 12), "fp16": (2, 2, 12), "fp32": (4, 4, 8)}
-
-
-def memory_per_gpu(cfg: ModelConfig, zero_stage: int, dp_size: int, ep_size: int = 1,
-                   precision: Literal["bf16", "fp16", "fp32"] = "bf16") -> MemoryEstimate:
-    """Weights, grads and Adam states per GPU under ZeRO stage 0-3 with `dp_size` data-parallel ranks.
-
-    Stage 1 partitions optimizer states over the data-parallel ranks, stage 2 also gradients,
-    stage 3 also weights. Expert parameters are first split over the `ep_size` expert-parallel
-    ranks, and their ZeRO partitioning is over the dp_size / ep_size ranks that hold the same experts.
-    """
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
-    if dp_size % ep_size:
-        raise ValueError(f"ep_size {ep_size} does not divide dp_size {dp_size}")
-    counts = param_counts(cfg)
-    groups = ((counts.total - counts.expert, dp_size), (counts.expert / ep_size, dp_size // ep_size))
-    w_bytes, g_bytes, o_bytes = _BYTES[precision]
-    weights = grads = optimizer = 0.0
-    for params, shards in groups:
-        weights += params * w_bytes / (shards if zero_stage >= 3 else 1)
-        grads += params * g_bytes / (shards if zero_stage >= 2 else 1)
-        optimizer += params * o_bytes / (shards if zero_stage >= 1 else 1)
-    return MemoryEstimate(weights=weights, grads=grads, optimizer=optimizer, total=weights + grads + optimizer)
-
-
-# DeepSpeed's default reduce / all-gather bucket, in elements.
-DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
-
-
-def comm_bucket_elements(cfg: ModelConfig) -> int:
-    """Gradient bucket size the trainer gives DeepSpeed: its default, capped at the model's size.
-
-    ZeRO-1/2 allocate a flat [bucket] gradient buffer up front (contiguous_gradients), even on one
-    rank, so DeepSpeed's 5e8-element default costs 2 GB of fp32 for any model; a bucket larger
-    than all the gradients buys nothing. Rounded up to a multiple of 1M elements.
-    """
-    total = param_counts(cfg).total
-    return int(min(DEEPSPEED_BUCKET_ELEMENTS, -(-total // 1_000_000) * 1_000_000))
