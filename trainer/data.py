@@ -1,14 +1,15 @@
 """Streaming training data from webdataset shards (DESIGN.md shard format).
 
-One stream per source, mixed document by document with a seeded RNG by the manifest's (or the
-config's) weights, packed into `seq_len + 1` token windows with end-of-text between documents.
-Every (data-parallel rank, loader worker) pair is a *slot* that reads a disjoint part of each
-source, and the whole position (per-source cursor, mixing RNG, offset into the current document)
-is a small dict that checkpoints save, so a resumed run continues with the very next token.
+Each source is one token stream (doc, EOT, doc, EOT, ...); `seq_len + 1`-token windows are cut from
+the sources so that each source's share of tokens is its mixture weight; the windows form one global
+order that every layout of ranks, loader workers and micro-batches splits the same way. The whole
+position (per-source cursors and mixing credit) is a small dict that checkpoints save, so a resumed
+run continues with the very next token.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import re
 import zlib
@@ -109,208 +110,178 @@ def read_documents(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 class SourceStream:
-    """Documents of one source for one slot, forever (epoch after epoch, shard order reshuffled by
-    (seed, epoch)). With at least as many shards as slots each slot owns whole shards; otherwise every
-    slot reads every shard and keeps every n-th document, which is still disjoint."""
+    """One source's documents as one token stream, doc, EOT, doc, EOT, ..., epoch after epoch (the
+    shard order reshuffled by (seed, epoch)); held-out documents are left out (or, with heldout=True,
+    they alone are read, once). `pos` says where the next token comes from: epoch, shard (index in
+    that epoch's order), doc (ordinal in the shard) and offset (tokens of that document already taken)."""
 
-    def __init__(self, manifest: TrainingData, source: str, slot: int, n_slots: int, seed: int,
-                 heldout_percent: float, on_corrupt: str, heldout: bool = False):
-        self.manifest, self.source, self.slot, self.n_slots = manifest, source, slot, n_slots
-        self.seed, self.heldout_percent, self.on_corrupt, self.heldout = seed, heldout_percent, on_corrupt, heldout
-        self.records = manifest.shards[source]
-        self.by_shard = len(self.records) >= n_slots
-        self.pos = {"epoch": 0, "shard": 0, "doc": 0}  # next document: shard index in this epoch's order, ordinal
+    def __init__(self, data: TrainingData, source: str, seed: int, heldout_percent: float, on_corrupt: str,
+                 heldout: bool = False):
+        self.data, self.source, self.seed = data, source, seed
+        self.heldout_percent, self.on_corrupt, self.heldout = heldout_percent, on_corrupt, heldout
+        self.records = data.shards[source]
+        self.pos = {"epoch": 0, "shard": 0, "doc": 0, "offset": 0}
         self._verified: dict[str, bool] = {}
-        self._docs: Optional[Iterator[tuple[int, np.ndarray]]] = None
+        self._docs: Optional[Iterator[tuple[int, int, np.ndarray]]] = None
+        self._doc: Optional[np.ndarray] = None
 
-    def _order(self, epoch: int) -> list[dict]:
+    def _order(self, epoch: int) -> list[ShardRecord]:
         rng = np.random.default_rng([self.seed, zlib.crc32(self.source.encode()), epoch])
-        order = [self.records[i] for i in rng.permutation(len(self.records))]
-        return order[self.slot::self.n_slots] if self.by_shard else order
+        return [self.records[i] for i in rng.permutation(len(self.records))]
 
-    def _usable(self, rec: dict) -> bool:
+    def _usable(self, rec: ShardRecord) -> bool:
         if rec["path"] not in self._verified:
-            self._verified[rec["path"]] = check_shard(self.manifest, rec, self.on_corrupt)
+            self._verified[rec["path"]] = check_shard(self.data, rec, self.on_corrupt)
         return self._verified[rec["path"]]
 
-    def _wanted(self, key: str, ordinal: int) -> bool:
-        if is_heldout(key, self.heldout_percent) != self.heldout:
-            return False
-        return self.by_shard or ordinal % self.n_slots == self.slot
-
-    def _iterate(self) -> Iterator[tuple[int, np.ndarray]]:
-        """Yields (ordinal of the next document, tokens), starting exactly at self.pos."""
+    def _documents(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(epoch, shard, ordinal, tokens + EOT) from self.pos on; a held-out pass ends after one epoch."""
+        epoch, first_shard, first_doc = self.pos["epoch"], self.pos["shard"], self.pos["doc"]
         empty_epochs = 0
         while empty_epochs < 2:
-            order, found = self._order(self.pos["epoch"]), False
-            for s in range(self.pos["shard"], len(order)):
-                if not self._usable(order[s]):
+            found = False
+            for s, rec in enumerate(self._order(epoch)):
+                if s < first_shard or not self._usable(rec):
                     continue
-                start = self.pos["doc"] if s == self.pos["shard"] else 0
-                for ordinal, (key, tokens) in enumerate(read_documents(self.manifest.root / order[s]["path"])):
-                    if ordinal >= start and self._wanted(key, ordinal):
+                for ordinal, (key, tokens) in enumerate(read_documents(self.data.root / rec["path"])):
+                    if (s > first_shard or ordinal >= first_doc) and is_heldout(key, self.heldout_percent) == self.heldout:
                         found = True
-                        yield (s, ordinal + 1), tokens
-            self.pos = {"epoch": self.pos["epoch"] + 1, "shard": 0, "doc": 0}
-            empty_epochs = 0 if found else empty_epochs + 1
+                        yield epoch, s, ordinal, np.append(tokens.astype(np.int64), self.data.eot_id)
             if self.heldout:
                 return
-        raise TrainError(f"source {self.source!r}: slot {self.slot}/{self.n_slots} found no usable documents "
-                         f"(all shards skipped, or too few documents to split over {self.n_slots} slots)")
+            epoch, first_shard, first_doc = epoch + 1, 0, 0
+            empty_epochs = 0 if found else empty_epochs + 1
+        raise TrainError(f"source {self.source!r} has no usable documents (all shards skipped, or all held out)")
 
-    def next_doc(self) -> Optional[np.ndarray]:
+    def take(self, n: int) -> Optional[np.ndarray]:
+        """The next n tokens; None when a held-out pass has fewer left."""
         if self._docs is None:
-            self._docs = self._iterate()
-        item = next(self._docs, None)
-        if item is None:
-            return None
-        (shard, nxt), tokens = item
-        self.pos = {"epoch": self.pos["epoch"], "shard": shard, "doc": nxt}
-        return tokens
-
-    def load_state(self, pos: dict) -> None:
-        self.pos, self._docs = dict(pos), None
-
-
-class PackedStream:
-    """Mixes the sources of one slot and cuts `seq_len + 1`-token windows out of the concatenation
-    doc, EOT, doc, EOT, ... A window may straddle documents, as in GPT-3's training."""
-
-    def __init__(self, manifest: TrainingData, seq_len: int, slot: int, n_slots: int, seed: int,
-                 heldout_percent: float = 0.0, on_corrupt: str = "error", heldout: bool = False):
-        self.manifest, self.window = manifest, seq_len + 1
-        self.names = sorted(manifest.weights)
-        w = np.array([manifest.weights[n] for n in self.names], dtype=np.float64)
-        self.probs = w / w.sum()
-        self.streams = {n: SourceStream(manifest, n, slot, n_slots, seed, heldout_percent, on_corrupt, heldout)
-                        for n in self.names}
-        self.rng = np.random.default_rng([seed, slot, n_slots])
-        self.slot = slot
-        self.doc: Optional[np.ndarray] = None
-        self.offset = 0
-        self._doc_start: Optional[dict] = None  # position before the current document was drawn
-
-    def _snapshot(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "sources": {n: dict(s.pos) for n, s in self.streams.items()}}
-
-    def _next_doc(self) -> bool:
-        self._doc_start = self._snapshot()
-        while self.names:
-            name = self.names[self.rng.choice(len(self.names), p=self.probs)] if len(self.names) > 1 else self.names[0]
-            tokens = self.streams[name].next_doc()
-            if tokens is not None:
-                self.doc = np.append(tokens.astype(np.int64), self.manifest.eot_id)
-                self.offset = 0
-                return True
-            # Only a held-out pass ends (training streams cycle): mix the sources that still have documents.
-            keep = [i for i, n in enumerate(self.names) if n != name and self.probs[i] > 0]
-            self.names, self.probs = [self.names[i] for i in keep], self.probs[keep] / self.probs[keep].sum()
-        return False
-
-    def next_window(self) -> Optional[np.ndarray]:
-        parts, need = [], self.window
-        while need:
-            if self.doc is None or self.offset == len(self.doc):
-                if not self._next_doc():
+            self._docs = self._documents()
+        parts = []
+        while n:
+            if self._doc is None:
+                item = next(self._docs, None)
+                if item is None:
                     return None
-            take = self.doc[self.offset:self.offset + need]
-            parts.append(take)
-            self.offset += len(take)
-            need -= len(take)
+                epoch, shard, ordinal, self._doc = item
+                offset = self.pos["offset"] if (epoch, shard, ordinal) == tuple(
+                    self.pos[k] for k in ("epoch", "shard", "doc")) else 0
+                self.pos = {"epoch": epoch, "shard": shard, "doc": ordinal, "offset": offset}
+            piece = self._doc[self.pos["offset"]:self.pos["offset"] + n]
+            parts.append(piece)
+            n -= len(piece)
+            self.pos["offset"] += len(piece)
+            if self.pos["offset"] == len(self._doc):
+                self._doc = None
+                self.pos = {**self.pos, "doc": self.pos["doc"] + 1, "offset": 0}
         return np.concatenate(parts)
 
+    def load_state(self, pos: dict) -> None:
+        self.pos, self._docs, self._doc = dict(pos), None, None
+
+
+class MixedStream:
+    """Windows of seq_len + 1 tokens, each cut from one source's stream (so a window may straddle that
+    source's documents, as in GPT-3's training), the source of each window chosen so that its share of
+    windows, hence of training tokens, follows its weight (GPT-3 Table 2.2). The choice is smooth weighted
+    round robin: every source earns its weight in credit per window and the richest one pays a window,
+    so each share is exact to within one window at any point, with no randomness to drift."""
+
+    def __init__(self, data: TrainingData, seq_len: int, seed: int, heldout_percent: float = 0.0,
+                 on_corrupt: str = "error"):
+        self.window = seq_len + 1
+        self.names = sorted(data.weights)
+        total = sum(data.weights.values())
+        self.weights = {n: data.weights[n] / total for n in self.names}
+        self.streams = {n: SourceStream(data, n, seed, heldout_percent, on_corrupt) for n in self.names}
+        self.credit = dict.fromkeys(self.names, 0.0)
+        self.windows = dict.fromkeys(self.names, 0)  # drawn from each source so far
+
+    def next_window(self) -> np.ndarray:
+        for n in self.names:
+            self.credit[n] += self.weights[n]
+        pick = max(self.names, key=self.credit.__getitem__)
+        self.credit[pick] -= 1.0
+        self.windows[pick] += 1
+        return self.streams[pick].take(self.window)
+
     def state(self) -> dict:
-        """Enough to continue with the next token: where the current document started, and how far into it."""
-        start = self._doc_start if self.doc is not None else self._snapshot()
-        return {"slot": self.slot, "doc_start": start, "offset": self.offset if self.doc is not None else 0,
-                "has_doc": self.doc is not None}
+        return {"credit": dict(self.credit), "windows": dict(self.windows),
+                "sources": {n: dict(s.pos) for n, s in self.streams.items()}}
 
     def load_state(self, state: dict) -> None:
-        start = state["doc_start"]
-        for name, pos in start["sources"].items():
-            self.streams[name].load_state(pos)
-        self.rng.bit_generator.state = start["rng"]
-        self.doc = None
-        if state["has_doc"]:
-            if not self._next_doc():
-                raise TrainError("data position in the checkpoint points past the end of the data")
-            self.offset = state["offset"]
+        if sorted(state["sources"]) != self.names:
+            raise TrainError(f"the data position in the checkpoint is for sources {sorted(state['sources'])}, "
+                             f"this run mixes {self.names}: resume with the same data.weights")
+        self.credit, self.windows = dict(state["credit"]), dict(state["windows"])
+        for n, pos in state["sources"].items():
+            self.streams[n].load_state(pos)
 
 
-def micro_batches(stream: PackedStream, batch_size: int) -> Iterator[tuple[torch.Tensor, dict]]:
-    """(tokens[batch, seq_len + 1], position after this batch), forever."""
-    while True:
-        rows = [stream.next_window() for _ in range(batch_size)]
-        if any(r is None for r in rows):
-            return
-        yield torch.from_numpy(np.stack(rows)), stream.state()
+def heldout_windows(data: TrainingData, seq_len: int, heldout_percent: float) -> Iterator[np.ndarray]:
+    """The held-out documents (by key hash) of every source, packed the same way, one pass each."""
+    for name in sorted(data.weights):
+        stream = SourceStream(data, name, seed=0, heldout_percent=heldout_percent, on_corrupt="error", heldout=True)
+        while (window := stream.take(seq_len + 1)) is not None:
+            yield window
 
 
-class _WorkerDataset(torch.utils.data.IterableDataset):
-    """Loader worker w of W continues slot states[w]; the trainer rotates the states on resume so
-    DataLoader's fixed round-robin (worker 0 first) hands out batches in the original order."""
+def heldout_batches(data: TrainingData, seq_len: int, batch_size: int, heldout_percent: float,
+                    max_batches: int) -> list[torch.Tensor]:
+    windows = heldout_windows(data, seq_len, heldout_percent)
+    out = []
+    while len(out) < max_batches and len(rows := [w for _, w in zip(range(batch_size), windows)]) == batch_size:
+        out.append(torch.from_numpy(np.stack(rows)))
+    return out
 
-    def __init__(self, make_stream, states: list[Optional[dict]], slots: list[int], batch_size: int):
-        self.make_stream, self.states, self.slots, self.batch_size = make_stream, states, slots, batch_size
+
+class _RankShare(torch.utils.data.IterableDataset):
+    """Global micro-batch m (batch_size consecutive windows of the one stream) belongs to rank m % world;
+    loader worker w of W takes the rank's micro-batches j with j % W == w. Each yields (micro-batch, the
+    stream's state at the end of that round of `world` micro-batches)."""
+
+    def __init__(self, make_stream, state: Optional[dict], rank: int, world: int, batch_size: int, workers: int):
+        self.make_stream, self.state, self.rank, self.world = make_stream, state, rank, world
+        self.batch_size, self.workers = batch_size, workers
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        w = info.id if info else 0
-        stream = self.make_stream(self.slots[w])
-        if self.states[w] is not None:
-            stream.load_state(self.states[w])
-        yield from micro_batches(stream, self.batch_size)
+        worker = info.id if info else 0
+        stream = self.make_stream()
+        if self.state is not None:
+            stream.load_state(self.state)
+        for j in itertools.count():
+            rounds = [[stream.next_window() for _ in range(self.batch_size)] for _ in range(self.world)]
+            if j % self.workers == worker:
+                yield torch.from_numpy(np.stack(rounds[self.rank])), stream.state()
 
 
 class TrainLoader:
-    """Micro-batches for one data-parallel rank; `state()` is the position of every worker's slot."""
+    """One rank's micro-batches of the global sequence order: every step's global batch holds the same
+    sequences whatever the number of ranks or the micro-batch/accumulation split. Every rank (and loader
+    worker) reads the whole stream and keeps its share: reading is cheap next to a training step.
+    `state()` is the stream's position after the last round of micro-batches, the same on every rank."""
 
-    def __init__(self, manifest: TrainingData, seq_len: int, batch_size: int, rank: int, world: int, seed: int,
+    def __init__(self, data: TrainingData, seq_len: int, batch_size: int, rank: int, world: int, seed: int,
                  heldout_percent: float, on_corrupt: str, num_workers: int, state: Optional[dict] = None):
-        self.num_workers = max(num_workers, 1)
-        n_slots = world * self.num_workers
-        slots = [rank * self.num_workers + w for w in range(self.num_workers)]
-        states: dict[int, Optional[dict]] = dict.fromkeys(slots)
-        turn = 0
-        if state is not None:
-            if sorted(int(s) for s in state["slots"]) != slots:
-                raise TrainError(f"checkpoint data state is for slots {sorted(state['slots'])}, this rank has {slots}: "
-                                 "resume with the same number of processes and data.num_workers")
-            states.update({int(k): v for k, v in state["slots"].items()})
-            turn = state["turn"]
-        # Rotate so that the worker whose turn it is next starts first.
-        order = [slots[(turn + i) % self.num_workers] for i in range(self.num_workers)]
-        self.order, self.turn, self.states = order, turn, states
+        def make_stream() -> MixedStream:
+            return MixedStream(data, seq_len, seed, heldout_percent, on_corrupt)
 
-        def make_stream(slot: int) -> PackedStream:
-            return PackedStream(manifest, seq_len, slot, n_slots, seed, heldout_percent, on_corrupt)
-
-        dataset = _WorkerDataset(make_stream, [states[s] for s in order], order, batch_size)
+        self._state = state if state is not None else make_stream().state()
+        self.seq_len = seq_len
+        dataset = _RankShare(make_stream, state, rank, world, batch_size, max(num_workers, 1))
         # Its own generator: DataLoader draws a seed when iterated, which would shift the training RNG on resume.
         self._it = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                                     persistent_workers=num_workers > 0,
                                                     generator=torch.Generator().manual_seed(seed)))
 
     def next(self) -> torch.Tensor:
-        try:
-            batch, position = next(self._it)
-        except StopIteration:
-            raise TrainError("the training data ran out (every source is empty)") from None
-        self.states[position["slot"]] = position
-        self.turn = (self.turn + 1) % self.num_workers
+        batch, self._state = next(self._it)
         return batch
 
     def state(self) -> dict:
-        return {"slots": {str(k): v for k, v in self.states.items()}, "turn": self.turn}
+        return self._state
 
-
-def heldout_batches(manifest: TrainingData, seq_len: int, batch_size: int, heldout_percent: float,
-                    max_batches: int) -> list[torch.Tensor]:
-    """The held-out documents (by key hash), packed the same way, one pass, for eval."""
-    stream = PackedStream(manifest, seq_len, 0, 1, seed=0, heldout_percent=heldout_percent, heldout=True)
-    out = []
-    for batch, _ in micro_batches(stream, batch_size):
-        out.append(batch)
-        if len(out) >= max_batches:
-            break
-    return out
+    def tokens_by_source(self) -> dict[str, int]:
+        """Training tokens drawn from each source so far, all ranks together (seq_len per window)."""
+        return {name: n * self.seq_len for name, n in self._state["windows"].items()}

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import signal
 import sys
 import time
@@ -36,30 +35,8 @@ from trainer.stability import SpikeMonitor
 log = logging.getLogger("trainer")
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    if torch.cuda.is_available():  # dropout and router jitter draw on the GPU's generator
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-
-
-def seed_training_rngs(seed: int, rank: int) -> None:
-    """Training randomness (dropout, router jitter, loader workers) per rank; initial weights do not use these."""
-    torch.manual_seed(seed + 104729 * (rank + 1))
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
+def micro_batch_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/micro-batch/{index}".encode()).digest()[:8], "little") >> 1
 
 
 class Trainer:
@@ -72,7 +49,6 @@ class Trainer:
         self.layout = {"world_size": self.world, "zero_stage": cfg.parallel.zero_stage, "ep_size": cfg.parallel.ep_size}
         self.config_yaml = (run_dir / "config.yaml").read_text()
         model = build_model(cfg, self.world, self.full_accum)
-        seed_training_rngs(cfg.train.seed, self.rank)
         self.engine = build_engine(cfg, model, self.world, self.full_accum)
         self.manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
         self.step, self.tokens, self.skipped, self.rollbacks = 0, 0, 0, {}
@@ -116,11 +92,10 @@ class Trainer:
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state["skipped"]
         self.rollbacks = state["rollbacks"]
         self.spikes.load_state(state["spikes"])
-        set_rng_state(state["rng"])
 
     def _state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped, "rollbacks": self.rollbacks,
-                "spikes": self.spikes.state(), "rng": rng_state(), "data": self.loader.state()}
+                "spikes": self.spikes.state(), "data": self.loader.state()}
 
     def save(self) -> Path:
         c = self.cfg.checkpoint
@@ -139,7 +114,10 @@ class Trainer:
             group["lr"] = lr
         return accum
 
-    def _micro_step(self, batch: torch.Tensor):
+    def _micro_step(self, batch: torch.Tensor, k: int):
+        # Dropout and router jitter drawn from the global micro-batch's index: the same whatever the layout.
+        micro = self.cfg.train.micro_batch_size * self.cfg.train.seq_len
+        torch.manual_seed(micro_batch_seed(self.cfg.train.seed, self.tokens // micro + k * self.world + self.rank))
         batch = batch.to(self.engine.device, non_blocking=True)  # the loader yields CPU tensors
         out = self.engine(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
         loss = out.loss
@@ -155,12 +133,12 @@ class Trainer:
         lr = self.engine.optimizer.param_groups[0]["lr"]
         losses = torch.zeros(4)  # loss, ce, aux, z (summed over micro-batches)
         counts, dropped, moe_stats = None, None, []
-        for _ in range(accum):
+        for k in range(accum):
             batch = self.loader.next()
             if self.sample_log:
                 self.sample_log.write(json.dumps({"step": self.step + 1, "sha1": hashlib.sha1(
                     batch.numpy().tobytes()).hexdigest()}) + "\n")
-            loss, out = self._micro_step(batch)
+            loss, out = self._micro_step(batch, k)
             # Step statistics live on the CPU (one small copy per micro-batch on a GPU).
             losses += torch.stack([loss, out.ce_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float().cpu()
             if out.moe:
@@ -190,7 +168,8 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         record = {"step": self.step, "tokens": self.tokens, "loss": loss, "ce_loss": ce, "lr": lr,
                   "grad_norm": float(norm) if norm is not None and np.isfinite(float(norm)) else None,
-                  "batch_size": accum * self.cfg.train.micro_batch_size * self.world, "skipped_steps": self.skipped}
+                  "batch_size": accum * self.cfg.train.micro_batch_size * self.world, "skipped_steps": self.skipped,
+                  "tokens_by_source": self.loader.tokens_by_source()}
         if counts is not None:
             layers = [s.layer for s in moe_stats]
             global_counts = packed[5:5 + counts.numel()].view_as(counts)
@@ -222,6 +201,8 @@ class Trainer:
         if self.rank == 0:
             log.info("training %s: %d processes, ZeRO-%d, ep_size %d, from step %d to %d", self.cfg.model.name,
                      self.world, self.cfg.parallel.zero_stage, self.cfg.parallel.ep_size, self.step, t.max_steps)
+        if self.step == 0 and testing_hooks.save_at_start():
+            self.save()
         last_saved = self.step
         while self.step < t.max_steps:
             start = time.perf_counter()

@@ -9,6 +9,7 @@ from typing import Optional
 NONFINITE_STEP = "PRETRAIN_TEST_NONFINITE_STEP"  # the optimizer step whose loss is made non-finite
 STEP_DELAY_S = "PRETRAIN_TEST_STEP_DELAY_S"  # sleep after each step: a window to kill a run mid-way
 PAUSE_BEFORE_COMMIT_S = "PRETRAIN_TEST_PAUSE_BEFORE_COMMIT_S"  # between writing a checkpoint and marking it complete
+SAVE_AT_START = "PRETRAIN_TEST_SAVE_AT_START"  # a checkpoint of the initial weights (step 0) before training
 
 
 def nonfinite_step() -> Optional[int]:
@@ -28,3 +29,7 @@ def after_step() -> None:
 
 def before_commit() -> None:
     _sleep(PAUSE_BEFORE_COMMIT_S)
+
+
+def save_at_start() -> bool:
+    return bool(os.environ.get(SAVE_AT_START))

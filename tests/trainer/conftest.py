@@ -49,7 +49,8 @@ def wiki_documents(shared_data: Path, max_docs: int) -> list[str]:
     return [t for t in texts if len(t) > 500 and not t.startswith("#REDIRECT")][:max_docs]
 
 
-def write_shards(out: Path, sources: dict[str, list[list[int]]], shards_per_source: dict[str, int]) -> dict:
+def write_shards(out: Path, sources: dict[str, list[list[int]]], shards_per_source: dict[str, int],
+                 weights: dict[str, float] | None = None) -> dict:
     import webdataset as wds
 
     records = []
@@ -68,7 +69,8 @@ def write_shards(out: Path, sources: dict[str, list[list[int]]], shards_per_sour
                             "tokens": sum(map(len, part)), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     return {"format_version": 1,
             "tokenizer": {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256, "vocab_sha256": "306cd27f"},
-            "sources": {"books": {"weight": 0.7}, "wiki": {"weight": 0.3}}, "shards": records}
+            "sources": {name: {"weight": w} for name, w in (weights or {"books": 0.7, "wiki": 0.3}).items()},
+            "shards": records}
 
 
 @pytest.fixture(scope="session")

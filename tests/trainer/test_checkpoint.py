@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.trainer.conftest import (REPO, child_env, free_port, launch_cmd, make_run, read_metrics, run_training,
@@ -21,9 +22,10 @@ def test_latest_points_at_a_complete_checkpoint_and_old_ones_are_pruned(dense_ru
     assert (root / "latest").read_text() == "step-30"
     assert [p.name for _, p in checkpoint.step_dirs(root)] == ["step-30"]  # keep_last 1
     step = root / "step-30"
-    assert json.loads((step / "COMPLETE").read_text())["step"] == 30
+    complete = json.loads((step / "COMPLETE").read_text())
+    assert complete["step"] == 30 and (complete["world_size"], complete["zero_stage"], complete["ep_size"]) == (1, 0, 1)
     state = json.loads((step / "trainer-rank0.json").read_text())
-    assert state["step"] == 30 and state["data"]["slots"] and state["rng"]["torch"]
+    assert state["step"] == 30 and sum(state["data"]["windows"].values()) == 30 * 4  # 30 steps of 4 sequences
 
 
 def test_half_written_checkpoint_is_skipped_with_a_warning(dense_run, tmp_path, caplog):
@@ -104,3 +106,14 @@ def test_multiprocess_user_error_exits_2_without_a_launcher_traceback(dense_run,
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("error: train.global_batch_size: 4 != train.micro_batch_size (4)") == 2  # each rank
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+
+
+def test_resume_in_another_layout_is_refused_naming_both(dense_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(dense_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["parallel"]["zero_stage"] = 2
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(TrainError, match=r"step-30 was written by 1 processes at ZeRO-0, ep_size 1; this run has "
+                                         r"1 processes at ZeRO-2, ep_size 1"):
+        train_in_process(run)

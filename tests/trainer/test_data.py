@@ -3,9 +3,10 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from tests.trainer.conftest import write_shards
-from trainer.data import PackedStream, TrainLoader, heldout_batches, is_heldout, load_manifest, read_documents
+from trainer.data import (MixedStream, TrainLoader, heldout_batches, is_heldout, load_manifest, read_documents)
 from trainer.errors import TrainError
 
 
@@ -13,47 +14,66 @@ def manifest(shard_dir, **kw):
     return load_manifest(shard_dir, 50257, **kw)
 
 
-def loader(shard_dir, rank=0, world=1, workers=0, state=None, batch=2, heldout=2.0):
-    return TrainLoader(manifest(shard_dir), seq_len=64, batch_size=batch, rank=rank, world=world, seed=1,
+def loader(shard_dir, rank=0, world=1, workers=0, state=None, batch=2, heldout=2.0, seq_len=64):
+    return TrainLoader(manifest(shard_dir), seq_len=seq_len, batch_size=batch, rank=rank, world=world, seed=1,
                        heldout_percent=heldout, on_corrupt="error", num_workers=workers, state=state)
 
 
 def test_windows_are_packed_documents_with_eot_between(shard_dir):
     m = manifest(shard_dir, weights={"wiki": 1.0})
-    stream = PackedStream(m, seq_len=64, slot=0, n_slots=1, seed=0)
-    windows = np.concatenate([stream.next_window() for _ in range(200)])
-    assert all(len(w) == 65 for w in [stream.next_window()])
+    stream = MixedStream(m, seq_len=64, seed=0)
+    windows = [stream.next_window() for _ in range(200)]
+    assert all(len(w) == 65 for w in windows)
     # The concatenation is exactly doc, EOT, doc, EOT, ... in the order the stream read them.
     docs = [np.append(t, 50256) for rec in stream.streams["wiki"]._order(0)
             for key, t in read_documents(shard_dir / rec["path"]) if not is_heldout(key, 0.0)]
-    flat = np.concatenate(docs)[:len(windows)]
-    assert np.array_equal(windows, flat)
-    assert (windows == 50256).sum() >= 2
+    flat = np.concatenate(docs)
+    assert len(flat) > 200 * 65 and np.array_equal(np.concatenate(windows), flat[:200 * 65])
 
 
-def test_mixture_follows_weights(shard_dir):
-    m = manifest(shard_dir)
-    stream = PackedStream(m, seq_len=64, slot=0, n_slots=1, seed=0)
-    picks = [stream.names[stream.rng.choice(2, p=stream.probs)] for _ in range(2000)]
-    assert abs(picks.count("books") / 2000 - 0.7) < 0.05
+@pytest.fixture(scope="module")
+def uneven_sources(tmp_path_factory):
+    """Sources with documents of very different lengths (4,000, 400 and 40 tokens), told apart by token range."""
+    out = tmp_path_factory.mktemp("uneven")
+    rng = np.random.default_rng(0)
+    lengths = {"books": (4000, 20), "web": (40, 2000), "wiki": (400, 200)}
+    docs = {name: [list(rng.integers(base, base + 1000, size=n)) for _ in range(count)]
+            for base, (name, (n, count)) in zip((1000, 2000, 3000), lengths.items())}
+    weights = {"books": 0.16, "web": 0.6, "wiki": 0.24}
+    (out / "manifest.json").write_text(json.dumps(write_shards(out, docs, {"books": 2, "web": 3, "wiki": 2}, weights)))
+    return out, weights
 
 
-def test_ranks_and_workers_read_disjoint_documents(shard_dir):
-    """4 slots (2 ranks x 2 workers) over sources with 3 and 2 shards: document-level split."""
-    m = manifest(shard_dir, weights={"books": 1.0})
-    seen = []
-    for slot in range(4):
-        s = PackedStream(m, 64, slot, 4, seed=3).streams["books"]
-        keys = set()
-        for _ in range(40):
-            s.next_doc()
-            keys.add((s.pos["shard"], s.pos["doc"]))
-        seen.append(keys)
-    for a in range(4):
-        for b in range(a + 1, 4):
-            assert not seen[a] & seen[b]
-    two = [PackedStream(m, 64, slot, 2, seed=3).streams["books"] for slot in range(2)]
-    assert two[0].by_shard and not {r["path"] for r in two[0]._order(0)} & {r["path"] for r in two[1]._order(0)}
+def test_token_shares_follow_the_weights_through_the_loader(uneven_sources):
+    """GPT-3 Table 2.2: a source's weight is its share of training tokens, whatever its document lengths."""
+    data_dir, weights = uneven_sources
+    it = TrainLoader(load_manifest(data_dir, 50257), seq_len=32, batch_size=16, rank=0, world=1, seed=5,
+                     heldout_percent=0.0, on_corrupt="error", num_workers=0)
+    tokens = dict.fromkeys(weights, 0)
+    names = {1: "books", 2: "web", 3: "wiki"}
+    for _ in range(640):  # 10,240 windows
+        for window in it.next().numpy():
+            source = {names[int(t) // 1000] for t in window if t != 50256}
+            assert len(source) == 1  # a window comes from one source
+            tokens[source.pop()] += 32
+    total = sum(tokens.values())
+    assert total == 10_240 * 32
+    for name, weight in weights.items():
+        assert abs(tokens[name] / total - weight) < 0.01, (name, tokens[name] / total)
+    assert it.tokens_by_source() == tokens
+
+
+@pytest.mark.parametrize("world,micro,accum,workers", [(2, 4, 1, 0), (2, 2, 2, 0), (4, 1, 2, 2), (1, 2, 4, 2)])
+def test_global_batches_do_not_depend_on_the_layout(shard_dir, world, micro, accum, workers):
+    """One process with micro batch 8 and the same global batch of 8 split over ranks, micro-batches and
+    loader workers: every step holds the same sequences."""
+    reference = loader(shard_dir, batch=8)
+    loaders = [loader(shard_dir, rank=r, world=world, batch=micro, workers=workers) for r in range(world)]
+    for step in range(6):
+        expected = reference.next()
+        got = torch.cat([torch.cat([ld.next() for ld in loaders]) for _ in range(accum)])
+        assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))
+        assert all(ld.state() == reference.state() for ld in loaders)  # every rank saves the same position
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -114,7 +134,7 @@ def test_corrupted_shard_is_a_clear_error_naming_it(shard_dir, tmp_path):
 def test_corrupted_shard_is_skipped_when_configured(shard_dir, tmp_path, caplog):
     out, shard = corrupt_copy(shard_dir, tmp_path)
     m = load_manifest(out, 50257, {"wiki": 1.0})
-    stream = PackedStream(m, 64, 0, 1, seed=0, on_corrupt="skip")
+    stream = MixedStream(m, 64, seed=0, on_corrupt="skip")
     for _ in range(300):  # more than one epoch of the good shard
         assert stream.next_window() is not None
     assert f"skipping shard {shard}" in caplog.text
