@@ -9,7 +9,9 @@ groups' gradients over the expert-data-parallel group only.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator
 
 import deepspeed
 import torch
@@ -110,7 +112,7 @@ def build_model(cfg: RunConfig, world: int, accum: int) -> nn.Module:
 
     device = get_accelerator().current_device_name()
     if cfg.parallel.zero_stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, world, accum), remote_device=device):
+        with PartitionAtCreation(config_dict_or_path=ds_config(cfg, world, accum)), skip_default_init():
             model = GPT(cfg.model)
     else:
         with torch.device("meta"):
@@ -121,6 +123,31 @@ def build_model(cfg: RunConfig, world: int, accum: int) -> nn.Module:
     model.init_buffers()
     initialize(model, cfg.train.seed)
     return model
+
+
+class PartitionAtCreation(deepspeed.zero.Init):
+    """deepspeed.zero.Init without its broadcast of every whole parameter from rank 0, which writes the
+    whole tensor on every other rank before partitioning it: trainer.initialize writes each rank's
+    partition from the seed instead, the same on every rank by construction."""
+
+    def _zero_init_param(self, param):
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+
+@contextlib.contextmanager
+def skip_default_init() -> Iterator[None]:
+    """torch.nn.init does nothing inside: a layer's default init would write every page of its whole
+    weight before ZeRO-3 partitions it, and trainer.initialize overwrites the values anyway."""
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def materialize(model: nn.Module, device: str) -> None:

@@ -22,14 +22,14 @@ def _generator(seed: int, name: str, chunk: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def standard_normal(seed: int, name: str, start: int, end: int) -> torch.Tensor:
-    """z for the flat elements [start, end) of parameter `name` (float32, on the CPU)."""
-    out = torch.empty(end - start)
+def fill_normal_(target: torch.Tensor, seed: int, name: str, start: int, mean: float, std: float) -> None:
+    """target (flat) = mean + std * z for the flat elements [start, start + len(target)) of parameter
+    `name`, written a chunk at a time so nothing of the target's size is ever allocated."""
+    end = start + target.numel()
     for chunk in range(start // CHUNK, -(-end // CHUNK)):
         z = torch.randn(CHUNK, generator=_generator(seed, name, chunk))
         lo, hi = max(start, chunk * CHUNK), min(end, (chunk + 1) * CHUNK)
-        out[lo - start:hi - start] = z[lo - chunk * CHUNK:hi - chunk * CHUNK]
-    return out
+        target[lo - start:hi - start].copy_(z[lo - chunk * CHUNK:hi - chunk * CHUNK].mul_(std).add_(mean))
 
 
 def local_part(p: nn.Parameter) -> tuple[torch.Tensor, int, int]:
@@ -49,7 +49,7 @@ def initialize(model: nn.Module, seed: int) -> None:
         mean, std = model.init_rule(name)
         target, start, real = local_part(p)
         if std:
-            target[:real].copy_(standard_normal(seed, name, start, start + real).mul_(std).add_(mean))
+            fill_normal_(target[:real], seed, name, start, mean, std)
         else:
             target[:real].fill_(mean)
         target[real:].zero_()

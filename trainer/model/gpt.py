@@ -82,7 +82,10 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        embeddings = dict(wte=nn.Embedding(cfg.vocab_size, cfg.d_model))
+        lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Tied input/output embeddings: the table is the LM head's weight, so its own is never allocated.
+        embeddings = dict(wte=nn.Embedding(cfg.vocab_size, cfg.d_model, device="meta"))
+        embeddings["wte"].weight = lm_head.weight
         if cfg.pos_embedding == "learned":
             embeddings["wpe"] = nn.Embedding(cfg.n_ctx, cfg.d_model)
         else:  # fixed table: a non-persistent buffer, so no parameters and nothing in checkpoints
@@ -93,8 +96,7 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias),
         ))
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
+        self.lm_head = lm_head
         self.reset_parameters()
         self.init_buffers()
 
