@@ -16,7 +16,9 @@ from typing import Literal, Optional
 
 from trainer.config import ModelConfig
 from trainer.model.counting import flops_per_token, param_counts
-from trainer.zero_memory import DEEPSPEED_BUCKET_ELEMENTS, comm_bucket_elements, memory_per_gpu
+from trainer.zero_memory import DEEPSPEED_BUCKET_ELEMENTS, comm_bucket_elements, memory_per_gpu, zero3_layer_elements
+
+INIT_CHUNK = 1 << 20  # trainer.initialize.CHUNK, not imported here: that would load torch for every plan
 
 Precision = Literal["bf16", "fp16", "fp32"]
 GB = 1e9
@@ -46,10 +48,17 @@ class Memory:
     activations: float  # saved for backward, plus the cross-entropy buffers over the vocabulary
     moe_all_to_all: float  # token send + receive buffers of one MoE layer in flight (ep > 1)
     buffers: float  # DeepSpeed gradient buckets, and ZeRO-3's gathered weights of the live layers
+    construction: float = 0.0  # building the model: the rank's share of the weights (trainer/engine.py build_model)
+    checkpoint_save: float = 0.0  # saving: model states, with activations freed, plus one tensor's write buffer
+
+    @property
+    def step(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.moe_all_to_all + self.buffers
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.moe_all_to_all + self.buffers
+        """The peak of the run: a step's, or construction's or a checkpoint save's where they are higher."""
+        return max(self.step, self.construction, self.checkpoint_save)
 
 
 @dataclass
@@ -84,7 +93,8 @@ class Plan:
     def to_json(self) -> dict:
         out = asdict(self)
         if self.memory is not None:
-            out["memory"]["total"] = self.memory.total
+            out["memory"]["step"] = self.memory.step
+        out["memory"]["total"] = self.memory.total
         out["set"] = self.overrides()
         return out
 
@@ -137,21 +147,28 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, seq_len: int, precision: P
     buffers = 0.0
     if layout.zero_stage in (1, 2):  # the flat fp32 gradient bucket, allocated even on one rank
         buffers = comm_bucket_elements(cfg) * 4
+    elif layout.zero_stage == 3:  # a module's gradient bucket, and two modules gathered (running, prefetched)
+        buffers = 3 * zero3_layer_elements(cfg) * a
     elif layout.dp_size > 1:
         buffers = min(DEEPSPEED_BUCKET_ELEMENTS, states.weights / a) * a
-    if layout.zero_stage == 3:
-        buffers += 2 * largest_layer_params(cfg) * a  # the current layer and the prefetched one
+    # No rank builds more than its share: ZeRO-3 partitions each parameter as it is created, expert parallelism
+    # allocates only the local experts, and the initial values are drawn a chunk at a time (trainer/initialize.py).
+    construction = states.weights + 4 * INIT_CHUNK
+    # Each rank writes only the fragments it owns, straight from its fp32 masters; without partitioned masters
+    # (ZeRO-0 in fp16) it converts its 16-bit weights to fp32 one tensor at a time.
+    write_buffer = 4 * largest_param(cfg, layout.ep_size) if layout.zero_stage == 0 and precision == "fp16" else 0
+    checkpoint_save = states.weights + states.grads + states.optimizer + buffers + write_buffer
     return Memory(weights=states.weights, grads=states.grads, optimizer=states.optimizer,
                   activations=activation_bytes(cfg, layout.micro_batch_size, seq_len, precision,
                                                layout.activation_checkpointing),
-                  moe_all_to_all=all_to_all, buffers=buffers)
+                  moe_all_to_all=all_to_all, buffers=buffers, construction=construction,
+                  checkpoint_save=checkpoint_save)
 
 
-def largest_layer_params(cfg: ModelConfig) -> float:
-    """ZeRO-3 gathers one module at a time: a block (dense; experts are not ZeRO-3 partitioned) or the embedding."""
-    d = cfg.d_model
-    block = 4 * d * d + 2 * d * cfg.ff_width
-    return max(block, cfg.vocab_size * d)
+def largest_param(cfg: ModelConfig, ep_size: int) -> int:
+    """Elements of a rank's largest parameter: the (tied) token embedding, or a layer's stacked local experts."""
+    experts = cfg.moe.num_experts // ep_size * cfg.d_model * cfg.expert_ff_width if cfg.moe is not None else 0
+    return max(cfg.vocab_size * cfg.d_model, experts, cfg.d_model * cfg.ff_width)
 
 
 def step_time_s(cfg: ModelConfig, seq_len: int, global_batch: int, gpus: int, mfu: float, tflops: float,

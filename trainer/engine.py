@@ -27,19 +27,17 @@ from trainer.distributed import expert_parallel_group
 from trainer.expert_parallel import apply_expert_parallel, is_expert
 from trainer.initialize import initialize
 from trainer.model.moe import SwitchFFN
-from trainer.zero_memory import comm_bucket_elements
+from trainer.zero_memory import zero_settings
 
 
 def ds_config(cfg: RunConfig, world: int, accum: int) -> dict:
     t, precision = cfg.train, cfg.train.precision
-    bucket = comm_bucket_elements(cfg.model)  # cluster/plan.py counts the same buffer
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.micro_batch_size * accum * world,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": bucket,
-                              "allgather_bucket_size": bucket},
+        "zero_optimization": zero_settings(cfg.model, cfg.parallel.zero_stage),  # cluster/plan.py counts these
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # Our AdamW is torch's; DeepSpeed's fused Adam would need a JIT build on every fresh machine.

@@ -27,7 +27,8 @@ from trainer.distributed import init_distributed, shutdown_distributed
 from trainer.engine import build_engine, build_model
 from trainer.errors import ConfigError, TrainError
 from trainer.logs import setup_logging, stdout_to_log
-from trainer.malloc import keep_freed_memory
+from trainer.memory import PeakMemory
+from trainer.malloc import keep_freed_memory, return_freed_memory
 from trainer.metrics import MetricsLogger, flops_for, moe_fields, progress_line
 from trainer.schedule import accumulation_at, lr_at
 from trainer.stability import SpikeMonitor
@@ -48,6 +49,7 @@ class Trainer:
         self.ckpt_root = run_dir / "checkpoints"
         self.layout = {"world_size": self.world, "zero_stage": cfg.parallel.zero_stage, "ep_size": cfg.parallel.ep_size}
         self.config_yaml = (run_dir / "config.yaml").read_text()
+        self.memory = PeakMemory(get_accelerator().device_name())
         model = build_model(cfg, self.world, self.full_accum)
         self.engine = build_engine(cfg, model, self.world, self.full_accum)
         self.manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
@@ -225,6 +227,9 @@ class Trainer:
         return 0
 
     def close(self) -> None:
+        record = self.memory.write(self.run_dir / "logs" / f"memory-rank{self.rank}.json")
+        log.info("peak memory %.2f GB above the start (rank %d; RUN/logs/memory-rank*.json)",
+                 record["peak_bytes"] / 1e9, self.rank)
         self.metrics.close()
         if self.sample_log:
             self.sample_log.close()
@@ -236,8 +241,8 @@ def train(run_dir: Path) -> int:
     setup_logging(int(os.environ.get("RANK", "0")), run_dir)
     with stdout_to_log("deepspeed"):
         init_distributed()
-    if get_accelerator().device_name() == "cpu":
-        keep_freed_memory()  # big CPU buffers are reused across steps instead of page-faulted in afresh
+    if get_accelerator().device_name() == "cpu":  # trainer/malloc.py: speed, unless the layout is there to fit
+        return_freed_memory() if cfg.parallel.zero_stage == 3 else keep_freed_memory()
     trainer = None
     try:
         trainer = Trainer(cfg, run_dir)

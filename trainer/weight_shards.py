@@ -50,7 +50,7 @@ def owned_fragments(engine, ep_size: int) -> Iterator[tuple[str, int, torch.Tens
         elif getattr(p, "_hp_mapping", None) is not None:  # ZeRO-1/2 (and bf16): a slice of the fp32 partition
             yield name, offset + p._hp_mapping.lp_fragment_address.start, p._hp_mapping.get_hp_fragment(), shape
         elif not partitioned and _owner(p):  # replicated masters: one rank writes them
-            yield name, offset, p.detach().float().view(-1), shape
+            yield name, offset, p.detach().view(-1), shape
 
 
 def _owner(p: torch.nn.Parameter) -> bool:
@@ -59,13 +59,13 @@ def _owner(p: torch.nn.Parameter) -> bool:
 
 def save(engine, step_dir: Path, ep_size: int) -> Path:
     """Writes this rank's file (collective-free)."""
-    fragments = [(name, start, t.detach().float(), shape) for name, start, t, shape in owned_fragments(engine, ep_size)]
+    fragments = list(owned_fragments(engine, ep_size))
     meta = {name: {"start": start, "shape": list(shape)} for name, start, _, shape in fragments}
     path = step_dir / file_name(dist.get_rank())
     with SafetensorsWriter(path, [(name, (t.numel(),), torch.float32) for name, _, t, _ in fragments],
                            {"fragments": json.dumps(meta)}) as writer:
         for name, _, t, _ in fragments:
-            writer.write(name, t)
+            writer.write(name, t.detach().float())  # a 16-bit replica is converted one tensor at a time
     return path
 
 

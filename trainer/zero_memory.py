@@ -21,8 +21,10 @@ class MemoryEstimate:
 
 
 # Bytes per parameter (ZeRO paper, Rajbhandari et al. 2020): mixed precision keeps 16-bit weights and
-# grads plus fp32 master weights, momentum and variance (12); fp32 keeps 4 + 4 and Adam's 8.
+# grads plus fp32 master weights, momentum and variance (12); fp32 keeps 4 + 4 and Adam's 8, plus, at
+# ZeRO stages 1-3, the fp32 partition DeepSpeed's optimizer works on, a copy even of fp32 weights (4).
 _BYTES = {"bf16": (2, 2, 12), "fp16": (2, 2, 12), "fp32": (4, 4, 8)}
+_ZERO_FP32_MASTER = 4
 
 
 def memory_per_gpu(cfg: ModelConfig, zero_stage: int, dp_size: int, ep_size: int = 1,
@@ -39,6 +41,8 @@ def memory_per_gpu(cfg: ModelConfig, zero_stage: int, dp_size: int, ep_size: int
     counts = param_counts(cfg)
     groups = ((counts.total - counts.expert, dp_size), (counts.expert / ep_size, dp_size // ep_size))
     w_bytes, g_bytes, o_bytes = _BYTES[precision]
+    if precision == "fp32" and zero_stage >= 1:
+        o_bytes += _ZERO_FP32_MASTER
     weights = grads = optimizer = 0.0
     for params, shards in groups:
         weights += params * w_bytes / (shards if zero_stage >= 3 else 1)
@@ -60,3 +64,26 @@ def comm_bucket_elements(cfg: ModelConfig) -> int:
     """
     total = param_counts(cfg).total
     return int(min(DEEPSPEED_BUCKET_ELEMENTS, -(-total // 1_000_000) * 1_000_000))
+
+
+def zero3_layer_elements(cfg: ModelConfig) -> int:
+    """ZeRO-3 gathers one module at a time: a block (dense; experts are not ZeRO-3 partitioned) or the
+    token embedding, whichever is larger."""
+    d = cfg.d_model
+    return max(4 * d * d + 2 * d * cfg.ff_width, cfg.vocab_size * d)
+
+
+def zero_settings(cfg: ModelConfig, stage: int) -> dict:
+    """The `zero_optimization` section the engine runs with (the planner counts the same buffers).
+
+    ZeRO-3's defaults keep up to 1e9 gathered parameters alive and reuse them within 1e9, which for any
+    model under a billion parameters means the whole model gathered on every rank: here at most two
+    modules are live (the one running and the one prefetched), and the gradient bucket holds one module.
+    """
+    if stage < 3:
+        bucket = comm_bucket_elements(cfg)
+        return {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    layer = zero3_layer_elements(cfg)
+    return {"stage": 3, "reduce_bucket_size": layer, "stage3_prefetch_bucket_size": layer,
+            "stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": layer,
+            "stage3_param_persistence_threshold": 10 * cfg.d_model}

@@ -54,7 +54,9 @@ def format_plan(plan) -> str:
     lay, mem = plan.layout, plan.memory
     rows = [("weights", mem.weights), ("gradients", mem.grads), ("optimizer states", mem.optimizer),
             ("activations", mem.activations), ("MoE all-to-all buffers", mem.moe_all_to_all),
-            ("communication buffers", mem.buffers), ("total", mem.total)]
+            ("communication buffers", mem.buffers), ("training step", mem.step),
+            ("building the model", mem.construction), ("saving a checkpoint", mem.checkpoint_save),
+            ("peak", mem.total)]
     table = "\n".join(f"    {name:24} {value / 1e9:10.2f} GB" for name, value in rows)
     layout = (f"ZeRO-{lay.zero_stage}, expert parallel {lay.ep_size}, data parallel {lay.dp_size}, micro batch "
               f"{lay.micro_batch_size}, gradient accumulation {lay.gradient_accumulation_steps}, activation "

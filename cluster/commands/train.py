@@ -1,4 +1,5 @@
-"""`pretrain train`, `pretrain eval` and `pretrain export hf`: the trainer's commands."""
+"""`pretrain train`, `pretrain eval`, `pretrain export hf` and `pretrain checkpoint consolidate`: the
+trainer's commands."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     hf.add_argument("checkpoint", help="a run dir or checkpoint dir")
     hf.add_argument("out_dir", type=Path)
     hf.set_defaults(func=run_export_hf)
+
+    ckpt = sub.add_parser("checkpoint", help="work with checkpoints")
+    csub = ckpt.add_subparsers(dest="checkpoint_command", metavar="COMMAND", required=True)
+    cons = csub.add_parser("consolidate", help="a sharded checkpoint as one fp32 safetensors file",
+                           description="Joins every rank's weight fragments (any ZeRO stage, every expert-parallel "
+                                       "rank) into one fp32 state dict, one tensor at a time.")
+    cons.add_argument("checkpoint", help="a run dir (its newest complete checkpoint) or a checkpoint dir")
+    cons.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    cons.set_defaults(func=run_consolidate)
 
 
 def run_train(args) -> int:
@@ -68,4 +78,14 @@ def run_export_hf(args) -> int:
 
     out = export_hf(args.checkpoint, args.out_dir)
     print(f"wrote {out} (transformers GPT2LMHeadModel; logits checked against the checkpoint)")
+    return 0
+
+
+def run_consolidate(args) -> int:
+    from trainer.checkpoint import resolve
+    from trainer.weight_shards import consolidate
+
+    step_dir = resolve(args.checkpoint)
+    out = consolidate(step_dir, args.out)
+    print(f"wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB, fp32) from {step_dir}")
     return 0

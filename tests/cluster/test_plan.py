@@ -93,3 +93,18 @@ def test_estimate_is_within_15_percent_of_measured_peak_memory_on_cpu(repo_root)
     for r in results:
         assert abs(r["memory_ratio"] - 1) <= 0.15, r
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_construction_and_checkpoint_save_peaks_are_counted(repo_root):
+    from cluster.plan import INIT_CHUNK
+    from trainer.initialize import CHUNK
+    from trainer.model.counting import param_counts
+
+    assert INIT_CHUNK == CHUNK
+    cfg = load_model_config(repo_root / "configs/model/gpt3-175b.yaml")
+    layout = Layout(zero_stage=3, ep_size=1, dp_size=1024, micro_batch_size=1, gradient_accumulation_steps=1,
+                    activation_checkpointing=True)
+    mem = estimate_memory(cfg, layout, 2048, "bf16")
+    # Built partitioned: a 1024th of the bf16 weights, never the whole 350 GB.
+    assert mem.construction == param_counts(cfg).total * 2 / 1024 + 4 * INIT_CHUNK
+    assert mem.checkpoint_save < mem.step and mem.total == mem.step

@@ -117,3 +117,15 @@ def test_resume_in_another_layout_is_refused_naming_both(dense_run, tmp_path):
     with pytest.raises(TrainError, match=r"step-30 was written by 1 processes at ZeRO-0, ep_size 1; this run has "
                                          r"1 processes at ZeRO-2, ep_size 1"):
         train_in_process(run)
+
+
+def test_consolidate_command_writes_the_whole_model(dense_run, tmp_path, capsys):
+    from cluster.cli import main
+
+    out = tmp_path / "model.safetensors"
+    assert main(["checkpoint", "consolidate", str(dense_run), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    written = load_file(out)
+    expected = dict(weight_shards.ShardedWeights(checkpoint.resolve(dense_run)).tensors())
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    assert main(["checkpoint", "consolidate", str(tmp_path / "nothing"), "--out", str(out)]) == 2

@@ -1,0 +1,38 @@
+"""A rank's peak memory over a run, to set beside `pretrain plan`'s estimate: on a GPU torch's
+max_memory_allocated, on a CPU the peak resident set above the level just before the model was built
+(the kernel's high-water mark, reset at that point)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    def __init__(self, device_type: str):
+        self.cuda = device_type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+        else:
+            self.baseline = _status_bytes("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
+
+    def peak(self) -> int:
+        """Bytes above the baseline at the peak so far."""
+        top = torch.cuda.max_memory_allocated() if self.cuda else _status_bytes("VmHWM")
+        return top - self.baseline
+
+    def write(self, path: Path) -> dict:
+        record = {"device": "cuda" if self.cuda else "cpu", "baseline_bytes": self.baseline,
+                  "peak_bytes": self.peak()}
+        path.write_text(json.dumps(record))
+        return record
