@@ -24,6 +24,7 @@ TRAIN_CHARTS = {  # key in metrics.jsonl: (title, colour)
     "grad_norm": ("Gradient norm (before clipping)", PALETTE[4]),
 }
 MOE_COLOURS = {"dropped_frac": PALETTE[5], "aux_loss": PALETTE[6], "z_loss": PALETTE[7]}
+SOURCE_COLOURS = [PALETTE[8], "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896"]  # apart from the charts above
 KEPT_COLOUR = "#54a24b"  # not in PALETTE: the kept share stays distinct from every reason
 # Config keys whose values never go into a report (a key pasted into a config by mistake stays private).
 SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|credential)", re.IGNORECASE)
@@ -80,6 +81,8 @@ def training_section(run_dir: Path) -> str:
     charts = []
     for key, (title, colour) in TRAIN_CHARTS.items():
         charts.append(line_chart(title, [(key, *_series(records, key), colour)]))
+    if any("tokens_by_source" in r for r in records):
+        charts.append(source_share_chart(records))
     if any("expert_load" in r for r in records):
         charts += moe_charts(records)
     last = records[-1]
@@ -90,6 +93,18 @@ def training_section(run_dir: Path) -> str:
         summary.append(("unparsable lines skipped", bad))
     return ("<h2>Training</h2>" + _table(None, summary)
             + f'<div class="grid-charts">{"".join(charts)}</div>')
+
+
+def source_share_chart(records: list[dict]) -> str:
+    """Each source's share of the training tokens drawn so far: it should settle on its mixture weight."""
+    mixed = [r for r in records if r.get("tokens_by_source")]
+    names = sorted(mixed[-1]["tokens_by_source"])
+    steps = [r["step"] for r in mixed]
+    series = []
+    for i, name in enumerate(names):
+        shares = [r["tokens_by_source"].get(name, 0) / (sum(r["tokens_by_source"].values()) or 1) for r in mixed]
+        series.append((name, steps, shares, SOURCE_COLOURS[i % len(SOURCE_COLOURS)]))
+    return line_chart("Share of training tokens by source", series)
 
 
 def moe_charts(records: list[dict]) -> list[str]:

@@ -29,6 +29,8 @@ class SourceConfig(Section):
     text_field: str = "text"
     id_field: str = "id"
     url_field: str | None = "url"
+    max_lines_without_text: int = Field(100, gt=0, description="JSONL: this many lines in a row without "
+                                        "text_field fail the input (a wrong field name, not a few bad lines)")
     max_doc_chars: int = Field(1_000_000, gt=1000)
     strip_gutenberg: bool = True
     extract: ExtractConfig = ExtractConfig()

@@ -24,14 +24,22 @@ class Document:
     tokens: object = None  # np.ndarray after tokenization
 
 
+PIECE_BITS = 8  # room for the pieces decontamination may split a document into (key + piece index)
+
+
 def make_key(file_index: int, record_index: int) -> int:
-    return (file_index << 32) | record_index
+    return (file_index << (32 + PIECE_BITS)) | (record_index << PIECE_BITS)
+
+
+def file_index_of(key: int) -> int:
+    return key >> (32 + PIECE_BITS)
 
 
 @dataclass
 class StepStats:
-    """Per-step counters: in = out + sum(removed). `notes` count events that keep the document
-    (e.g. text repaired from invalid UTF-8); `examples` keep a few removed ids per reason."""
+    """Per-step counters: in + notes["split_pieces"] = out + sum(removed) (a step that splits a document
+    notes the extra pieces). `notes` count events that keep the document (e.g. text repaired from invalid
+    UTF-8); `examples` keep a few removed ids per reason."""
 
     docs_in: int = 0
     docs_out: int = 0

@@ -29,7 +29,25 @@ def build_report(task_results: list[dict], dedup_stats: dict[str, StepStats], sh
             if stats is not None:
                 entry["steps"][step] = stats
         entry["steps"] = {step: s.to_json() for step, s in entry["steps"].items()}
-    return {"sources": sources, "failed_inputs": failed, "seconds": round(seconds, 2)}
+    return {"sources": sources, "failed_inputs": failed, "seconds": round(seconds, 2),
+            "decontamination": decontamination_summary(sources)}
+
+
+def decontamination_summary(sources: dict) -> dict[str, dict[str, int]]:
+    """Per eval set, all sources together: documents cut, documents dropped, colliding 13-grams."""
+    out: dict[str, dict[str, int]] = {}
+    for entry in sources.values():
+        step = entry["steps"].get("decontaminate")
+        if step is None:
+            continue
+        for key, n in step["notes"].items():
+            kind, _, eval_set = key.partition("_")
+            if kind in ("cut", "ngrams"):
+                out.setdefault(eval_set, {"cut": 0, "dropped": 0, "ngrams": 0})[kind] += n
+        for reason, n in step["removed"].items():
+            eval_set = reason.split(":", 1)[1].removesuffix("_short")
+            out.setdefault(eval_set, {"cut": 0, "dropped": 0, "ngrams": 0})["dropped"] += n
+    return out
 
 
 def write_report(out_dir: Path, report: dict) -> None:
@@ -64,6 +82,9 @@ def print_summary(report: dict, manifest: dict | None, console: Console | None =
         console.print(f"{len(shards)} shards, {sum(s['samples'] for s in shards)} documents, "
                       f"{sum(s['tokens'] for s in shards)} tokens, {sum(s['bytes'] for s in shards) / 1e6:.1f} MB "
                       f"in {report['seconds']:.1f}s")
+    for eval_set, c in report.get("decontamination", {}).items():
+        console.print(f"decontamination against {eval_set}: {c['ngrams']} colliding 13-grams, {c['cut']} documents "
+                      f"cut, {c['dropped']} dropped")
     for failure in report["failed_inputs"]:
         console.print(f"[red]failed input[/red] {failure['path']}: {failure['error']}")
 
@@ -73,6 +94,6 @@ def check_counts(report: dict) -> list[str]:
     problems = []
     for source, entry in report["sources"].items():
         for step, s in entry["steps"].items():
-            if s["docs_in"] != s["docs_out"] + sum(s["removed"].values()):
+            if s["docs_in"] + s["notes"].get("split_pieces", 0) != s["docs_out"] + sum(s["removed"].values()):
                 problems.append(f"{source}/{step}: in {s['docs_in']} != out {s['docs_out']} + removed")
     return problems

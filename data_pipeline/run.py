@@ -20,7 +20,7 @@ from data_pipeline.errors import PipelineError
 from data_pipeline.report import build_report, write_report
 from data_pipeline.stages import InputTask, deduplicate, process_input, write_source_shards
 from data_pipeline.tokenization import tokenizer_record
-from shard_format import Manifest, ShardRecord, atomic_write, make_manifest, write_manifest
+from shard_format import MANIFEST_NAME, Manifest, ShardRecord, atomic_write, make_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 WORK = "_work"
@@ -77,10 +77,15 @@ def run_pipeline(config: PipelineConfig, out_dir: Path, executor,
     config = resolve_paths(config, config_dir)
     tokenizer = tokenizer_record(config.tokenizer)
     tasks, failed = plan_inputs(config, config_dir)
+    missing = [s.name for s in config.sources if not any(t.source == s.name for t in tasks)]
+    if missing:
+        raise PipelineError(f"sources {missing}: no input file found ("
+                            f"{'; '.join(f['error'] for f in failed if f['source'] in missing)}); nothing was run")
     work = prepare_output(out_dir, config, tasks)
     results = executor.map(process_input, tasks, config, work, desc="inputs")
     failed += [{"source": r["source"], "path": r["path"], "error": r["error"]} for r in results if r["error"]]
     done = [r for r in results if not r["error"]]
+    unread = [s.name for s in config.sources if not any(r["source"] == s.name for r in done)]
     removed, dedup_stats = deduplicate(config, work, done,
                                        lambda fn, bands: executor.map(fn, bands, desc="dedup bands"))
     shard_results = executor.map(_shard_source, [s.name for s in config.sources], config, work, out_dir,
@@ -88,6 +93,10 @@ def run_pipeline(config: PipelineConfig, out_dir: Path, executor,
     shard_stats = {r["source"]: _shard_stats(r["shards"]) for r in shard_results}
     report = build_report(results, dedup_stats, shard_stats, failed, time.perf_counter() - started)
     write_report(out_dir, report)
+    if unread:  # a manifest without a source's data would train on a different mixture: none at all
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        raise PipelineError(f"sources {unread}: none of their inputs could be read (failed_inputs in "
+                            f"{out_dir / 'report.json'}); no manifest written")
     manifest = make_manifest(tokenizer, {s.name: s.weight for s in config.sources},
                              [entry for r in shard_results for entry in r["shards"]])
     write_manifest(out_dir, manifest)

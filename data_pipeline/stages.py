@@ -27,7 +27,7 @@ from data_pipeline.config import PipelineConfig, SourceConfig
 from data_pipeline.decontaminate import Decontaminate
 from data_pipeline.dedup.clusters import find_duplicates
 from data_pipeline.dedup.minhash import MinHasher, exact_hash
-from data_pipeline.document import Document, StepStats
+from data_pipeline.document import Document, StepStats, file_index_of
 from data_pipeline.errors import InputError
 from data_pipeline.extract import ExtractHtml
 from data_pipeline.filters import build_filters
@@ -56,8 +56,7 @@ def build_steps(source: SourceConfig, config: PipelineConfig) -> list[Step]:
     steps: list[Step] = [ExtractHtml(source.extract)] if source.format == "warc" else []
     steps += build_filters(source.filters, config.seed)
     if config.decontamination.eval_sets:
-        d = config.decontamination
-        steps.append(Decontaminate(d.eval_sets, d.text_field, d.ngram))
+        steps.append(Decontaminate(config.decontamination))
     return steps + [Tokenize(config.tokenizer)]
 
 
@@ -95,7 +94,8 @@ def _process_into(task: InputTask, config: PipelineConfig, out: Path, stats: dic
     reader = READERS[source.format]
     docs = reader(Path(task.path), source.name, task.index, stats["read"], max_doc_chars=source.max_doc_chars,
                   strip_gutenberg_boilerplate=source.strip_gutenberg, text_field=source.text_field,
-                  id_field=source.id_field, url_field=source.url_field)
+                  id_field=source.id_field, url_field=source.url_field,
+                  max_lines_without_text=source.max_lines_without_text)
     docs = _count_read(docs, stats["read"])
     steps = build_steps(source, config)
     mh = config.dedup.minhash
@@ -155,10 +155,10 @@ def deduplicate(config: PipelineConfig, work: Path, done: list[dict],
     found = find_duplicates(signatures, mh.bands, mh.rows, config.dedup.exact, map_bands)
     stats = {name: StepStats() for name in set(index_source.values())}
     for key in signatures["keys"].tolist():
-        stats[index_source[key >> 32]].docs_in += 1
+        stats[index_source[file_index_of(key)]].docs_in += 1
     for reason, keys in found.items():
         for key in keys.tolist():
-            stats[index_source[key >> 32]].removed[f"dedup:{reason}"] += 1
+            stats[index_source[file_index_of(key)]].removed[f"dedup:{reason}"] += 1
     for s in stats.values():
         s.docs_out = s.docs_in - sum(s.removed.values())
         s.seconds = time.perf_counter() - started

@@ -22,7 +22,7 @@ class Step:
     def run(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
         for doc in docs:
             stats.docs_in += 1
-            stats.bytes_in += len(doc.text)
+            stats.bytes_in += len(doc.html) if doc.html is not None else len(doc.text)  # before extraction: its HTML
             with Timer(stats):
                 result = self.process(doc, stats)
             if result is not None:

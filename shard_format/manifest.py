@@ -99,3 +99,22 @@ def load_manifest(directory: str | Path) -> Manifest:
 def write_manifest(directory: str | Path, manifest: Manifest) -> None:
     """Atomically, so a reader never sees a half-written index (the pipeline writes it last)."""
     atomic_write(Path(directory) / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+
+
+def epochs_per_source(manifest: Manifest, weights: dict[str, float], tokens: float,
+                      heldout_percent: float = 0.0) -> dict[str, dict[str, float]]:
+    """GPT-3 Table 2.2's last column: how many times each source is seen when `tokens` training tokens
+    are drawn with these weights (each a share of tokens). Per source: weight (normalised), its tokens
+    in the data (less the held-out share), tokens drawn, epochs."""
+    total_weight = sum(w for w in weights.values() if w > 0)
+    available = {name: 0 for name in weights}
+    for shard in manifest["shards"]:
+        if shard["source"] in available:
+            available[shard["source"]] += shard["tokens"]
+    out = {}
+    for name, weight in weights.items():
+        share = weight / total_weight if weight > 0 else 0.0
+        have = available[name] * (1 - heldout_percent / 100)
+        drawn = tokens * share
+        out[name] = {"weight": share, "tokens": have, "drawn": drawn, "epochs": drawn / have if have else float("inf")}
+    return out

@@ -87,6 +87,8 @@ class DataConfig(Section):
     heldout_percent: float = Field(1.0, ge=0.0, lt=100.0, description="documents held out for `pretrain eval`, by key hash")
     on_corrupt: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0, description="data loader worker processes per rank")
+    max_epochs: PositiveFloat = Field(4.0, description="warn at start when this run would repeat a source more "
+                                                       "often (GPT-3 saw Wikipedia 3.4 times)")
 
 
 class TrainConfig(Section):

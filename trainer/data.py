@@ -22,7 +22,7 @@ import torch
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 import shard_format
-from shard_format import MANIFEST_NAME, ManifestError, ShardRecord, TokenizerRecord, sha256_file
+from shard_format import MANIFEST_NAME, Manifest, ManifestError, ShardRecord, TokenizerRecord, sha256_file
 from trainer.errors import TrainError
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,11 @@ class TrainingData:
     tokenizer: TokenizerRecord
     weights: dict[str, float]
     shards: dict[str, list[ShardRecord]] = field(default_factory=dict)  # source -> shard records, manifest order
+    manifest: Optional[Manifest] = None  # as read
+
+    def epochs(self, tokens: float, heldout_percent: float) -> dict[str, dict[str, float]]:
+        """Per source: weight, tokens available, tokens drawn and epochs when training on `tokens` tokens."""
+        return shard_format.epochs_per_source(self.manifest, self.weights, tokens, heldout_percent)
 
     @property
     def eot_id(self) -> int:
@@ -70,7 +75,7 @@ def load_manifest(data_dir: str | Path, model_vocab: int, weights: Optional[dict
     empty = [name for name, recs in by_source.items() if not recs]
     if empty:
         raise TrainError(f"{path}: sources {empty} have weight but no shards")
-    return TrainingData(root, tok, mix, by_source)
+    return TrainingData(root, tok, mix, by_source, m)
 
 
 def is_heldout(key: str, percent: float) -> bool:

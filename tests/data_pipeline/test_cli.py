@@ -49,9 +49,24 @@ def test_verify_passes_then_fails_on_a_corrupted_byte(sample_run, tmp_path, caps
 def test_stats_prints_per_source_and_filter_counts(sample_run, capsys):
     assert main(["data", "stats", str(sample_run[0]), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["web"]["steps"]["language"]["docs_in"] > 0
+    assert stats["sources"]["web"]["steps"]["language"]["docs_in"] > 0 and "epochs" not in stats
     assert main(["data", "stats", str(sample_run[0])]) == 0
     assert "gopher_quality" in capsys.readouterr().out
+
+
+def test_stats_reports_epochs_per_source_for_a_token_budget(sample_run, capsys):
+    """GPT-3 Table 2.2's last column, from the manifest's token counts and mixture weights."""
+    manifest = json.loads((sample_run[0] / "manifest.json").read_text())
+    tokens = {name: sum(s["tokens"] for s in manifest["shards"] if s["source"] == name) for name in manifest["sources"]}
+    assert main(["data", "stats", str(sample_run[0]), "--json", "--tokens", "1e6"]) == 0
+    epochs = json.loads(capsys.readouterr().out)["epochs"]
+    weights = {name: src["weight"] for name, src in manifest["sources"].items()}
+    for name, e in epochs.items():
+        assert e["drawn"] == pytest.approx(1e6 * weights[name] / sum(weights.values()))
+        assert e["epochs"] == pytest.approx(e["drawn"] / tokens[name])
+    assert main(["data", "stats", str(sample_run[0]), "--tokens", "300e9"]) == 0
+    out = capsys.readouterr().out
+    assert "Epochs elapsed when training on 3e+11 tokens" in out and "would be repeated" in out
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

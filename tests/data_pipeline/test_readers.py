@@ -4,7 +4,7 @@ from pathlib import Path
 
 import zstandard
 
-from data_pipeline.document import StepStats
+from data_pipeline.document import StepStats, file_index_of
 from data_pipeline.readers import READERS
 from data_pipeline.readers.text import split_text, strip_gutenberg
 from tests.data_pipeline.conftest import html_page, prose, write_warc
@@ -25,7 +25,7 @@ def test_warc_gzip_and_plain_give_the_same_documents(tmp_path):
     plain, _ = read("warc", write_warc(tmp_path / "a.warc", pages(3), gzip_records=False))
     assert [d.url for d in gz] == [d.url for d in plain] == [f"http://example.org/{i}" for i in range(3)]
     assert gz[0].html == plain[0].html and "harbour" not in gz[0].html and "Sentence 0-0" in gz[0].html
-    assert gz[0].key >> 32 == 3
+    assert file_index_of(gz[0].key) == 3
 
 
 def test_truncated_gzip_warc_keeps_earlier_records_and_counts_the_loss(tmp_path):
@@ -133,3 +133,73 @@ Cats sleep a lot.</text></revision></page>
     for junk in ("A source", "Infobox", "thumb", "Category", "[["):
         assert junk not in text
     assert stats.removed == {"read:redirect": 1, "read:not_an_article": 1}
+
+
+def write_arc(path: Path, pages: list[tuple[str, str]]) -> Path:
+    """An uncompressed ARC (version 1) file of HTML responses: Internet Archive's format before WARC."""
+    head = b"1 0 InternetArchive\nURL IP-address Archive-date Content-type Archive-length\n"
+    out = b"filedesc://%s 0.0.0.0 20200101000000 text/plain %d\n%s\n" % (path.name.encode(), len(head), head)
+    for url, html in pages:
+        body = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + html.encode()
+        out += b"%s 93.184.216.34 20200101000000 text/html %d\n%s\n" % (url.encode(), len(body), body)
+    path.write_bytes(out)
+    return path
+
+
+def test_arc_files_are_read_plain_and_gzipped(tmp_path):
+    plain, stats = read("warc", write_arc(tmp_path / "a.arc", pages(3)))
+    gz, _ = read("warc", write_gz(tmp_path / "a.arc.gz", (tmp_path / "a.arc").read_bytes()))
+    assert [d.url for d in plain] == [d.url for d in gz] == [f"http://example.org/{i}" for i in range(3)]
+    assert "Sentence 0-0" in plain[0].html and not stats.removed
+
+
+def write_gz(path: Path, data: bytes) -> Path:
+    path.write_bytes(gzip.compress(data))
+    return path
+
+
+def test_a_warc_gzipped_as_one_stream_and_cut_short_keeps_every_complete_record(tmp_path):
+    """`gzip file.warc` makes one gzip member of the whole file; a cut loses only what it cut into."""
+    plain = write_warc(tmp_path / "a.warc", pages(6), gzip_records=False).read_bytes()
+    whole = gzip.compress(plain)
+    cut = write_gz(tmp_path / "cut.warc.gz", b"")
+    cut.write_bytes(whole[:int(len(whole) * 0.7)])
+    docs, stats = read("warc", cut)
+    complete, _ = read("warc", tmp_path / "a.warc")
+    assert 2 <= len(docs) < 6 and [d.url for d in docs] == [d.url for d in complete[:len(docs)]]
+    assert stats.removed["read:damaged_record"] >= 1
+
+
+def test_a_file_that_is_not_a_warc_fails_its_input(tmp_path):
+    import pytest
+
+    from data_pipeline.errors import InputError
+
+    path = tmp_path / "page.warc"
+    path.write_text("<html><body>an HTML page saved under the wrong name</body></html>\n" * 20)
+    with pytest.raises(InputError, match=f"{path}: no readable WARC or ARC record"):
+        read("warc", path)
+
+
+def test_a_wrong_jsonl_text_field_fails_the_input_naming_the_fields(tmp_path):
+    import pytest
+
+    from data_pipeline.errors import InputError
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(f'{{"id": {i}, "content": "text {i}"}}\n' for i in range(150)))
+    with pytest.raises(InputError, match=r"100 lines in a row have no string field 'text'; they have \['content', 'id'\]"):
+        read("jsonl", path)
+    docs, stats = read("jsonl", path, max_lines_without_text=200)  # fewer than the limit: skipped, counted
+    assert docs == [] and stats.removed["read:missing_text_field"] == 150
+    docs, _ = read("jsonl", path, text_field="content")
+    assert len(docs) == 150
+
+
+def test_warcio_warnings_name_the_file(tmp_path, caplog):
+    plain = write_warc(tmp_path / "a.warc", pages(2), gzip_records=False).read_bytes()
+    bad = plain.replace(b"Content-Length: 18\r\n", b"Content-Length: 10\r\n", 1)  # shorter than the record
+    (tmp_path / "bad.warc").write_bytes(bad)
+    read("warc", tmp_path / "bad.warc")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages and all(m.startswith(f"{tmp_path / 'bad.warc'}@") for m in messages), messages

@@ -42,6 +42,7 @@ def test_local_run_dedups_across_files_and_verifies(inputs, make_config, shared_
     out = inputs / "out"
     report, manifest = run_pipeline(make_config(sources(inputs)), out, LocalExecutor())
     web, books = report["sources"]["web"]["steps"], report["sources"]["books"]["steps"]
+    assert web["extract"]["bytes_in"] > web["extract"]["bytes_out"] > 0  # HTML in, text out
     assert web["url"]["removed"] == {"url:blocked_domain": 1}
     assert web["dedup"]["removed"] == {"dedup:exact": 1, "dedup:near": 1}
     assert books["dedup"]["removed"] == {"dedup:exact": 1}
@@ -72,15 +73,36 @@ def test_rerun_reuses_finished_work_and_gives_identical_bytes(inputs, make_confi
 
 
 def test_missing_and_unreadable_inputs_fail_alone(inputs, make_config):
+    """A file that is not a WARC fails its own task; the source's other inputs still make shards."""
+    (inputs / "crawl" / "zz-not-a-warc.warc.gz").write_bytes(b"<html>an HTML page saved under the wrong name</html>")
+    (inputs / "more").mkdir()
+    (inputs / "more" / "a.txt").write_text("A short book of its own, with a few sentences in it. " * 40)
+    config = make_config(sources(inputs) + [
+        {"name": "more", "weight": 0.1, "format": "books",
+         "inputs": [str(inputs / "more/*.txt"), str(inputs / "nowhere/*.txt")]}])
+    report, manifest = run_pipeline(config, inputs / "out", LocalExecutor())
+    failed = {f["path"]: f["error"] for f in report["failed_inputs"]}
+    assert "no readable WARC or ARC record" in failed[str(inputs / "crawl/zz-not-a-warc.warc.gz")]
+    assert str(inputs / "nowhere/*.txt") in failed
+    assert {e["source"] for e in manifest["shards"]} == {"web", "books", "more"}
+    assert verify(inputs / "out")[1] == []
+
+
+def test_a_source_with_no_input_is_refused_before_anything_runs(inputs, make_config):
+    config = make_config(sources(inputs) + [
+        {"name": "gone", "weight": 0.1, "format": "jsonl", "inputs": [str(inputs / "nowhere/*.jsonl")]}])
+    with pytest.raises(PipelineError, match=r"sources \['gone'\]: no input file found .*nowhere/\*\.jsonl"):
+        run_pipeline(config, inputs / "out", LocalExecutor())
+    assert not (inputs / "out").exists()
+
+
+def test_a_source_none_of_whose_inputs_can_be_read_gets_no_manifest(inputs, make_config):
     (inputs / "wiki.xml.bz2").write_bytes(b"this is not bzip2")
     config = make_config(sources(inputs) + [
-        {"name": "wiki", "weight": 0.1, "format": "wiki", "inputs": [str(inputs / "wiki.xml.bz2")]},
-        {"name": "gone", "weight": 0.1, "format": "jsonl", "inputs": [str(inputs / "nowhere/*.jsonl")]}])
-    report, manifest = run_pipeline(config, inputs / "out", LocalExecutor())
-    failed = {f["source"]: f["error"] for f in report["failed_inputs"]}
-    assert "wiki.xml.bz2" in failed["wiki"] and "nowhere/*.jsonl" in failed["gone"]
-    assert {e["source"] for e in manifest["shards"]} == {"web", "books"}
-    assert verify(inputs / "out")[1] == []
+        {"name": "wiki", "weight": 0.1, "format": "wiki", "inputs": [str(inputs / "wiki.xml.bz2")]}])
+    with pytest.raises(PipelineError, match=r"sources \['wiki'\]: none of their inputs could be read"):
+        run_pipeline(config, inputs / "out", LocalExecutor())
+    assert (inputs / "out" / "report.json").is_file() and not (inputs / "out" / "manifest.json").exists()
 
 
 def test_unwritable_output_dir_is_a_clear_error(inputs, make_config):

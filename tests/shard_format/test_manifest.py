@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from shard_format import FORMAT_VERSION, MANIFEST_NAME, ManifestError, load_manifest, make_manifest, write_manifest
+from shard_format import (FORMAT_VERSION, MANIFEST_NAME, ManifestError, epochs_per_source, load_manifest, make_manifest,
+                          write_manifest)
 
 TOKENIZER = {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256, "vocab_sha256": "306cd27f"}
 SHARD = {"path": "books/shard-000000.tar", "source": "books", "samples": 17, "tokens": 1234, "bytes": 20480,
@@ -54,3 +55,14 @@ def test_manifest_that_is_not_an_object_is_refused(tmp_path):
     path = write_json(tmp_path, [1, 2])
     with pytest.raises(ManifestError, match=f"{path}: not a JSON object"):
         load_manifest(tmp_path)
+
+
+def test_epochs_per_source_follow_gpt3_table_2_2():
+    """3B tokens of Wikipedia at 3% of 300B training tokens: 3 epochs (GPT-3 Table 2.2 has 3.4 for its 3B)."""
+    shards = [{**SHARD, "source": "wiki", "tokens": 3_000_000_000}, {**SHARD, "source": "cc", "tokens": 400_000_000_000}]
+    manifest = make_manifest(TOKENIZER, {"wiki": 0.03, "cc": 0.97}, shards)
+    epochs = epochs_per_source(manifest, {"wiki": 3.0, "cc": 97.0}, 300e9)
+    assert epochs["wiki"]["weight"] == pytest.approx(0.03) and epochs["wiki"]["epochs"] == pytest.approx(3.0)
+    assert epochs["cc"]["epochs"] == pytest.approx(300e9 * 0.97 / 400e9)
+    held = epochs_per_source(manifest, {"wiki": 3.0, "cc": 97.0}, 300e9, heldout_percent=50.0)
+    assert held["wiki"]["epochs"] == pytest.approx(6.0)

@@ -12,6 +12,10 @@ def test_metrics_jsonl_has_the_design_keys(dense_run):
     for r in m.values():
         assert DESIGN_KEYS <= set(r) and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
     assert m[30]["tokens"] == 30 * 4 * 32
+    # Sources share the tokens by their mixture weights (books 0.7, wiki 0.3), to within one window.
+    by_source = m[30]["tokens_by_source"]
+    assert sum(by_source.values()) == m[30]["tokens"]
+    assert abs(by_source["books"] / m[30]["tokens"] - 0.7) <= 1 / (30 * 4)
 
 
 def test_wandb_is_offline_in_the_run_dir_and_never_holds_the_key(dense_run):
