@@ -55,6 +55,8 @@ class PipelineConfig(Section):
     decontamination: DecontaminationConfig = DecontaminationConfig()
     shards: ShardConfig = ShardConfig()
     ray: RayConfig = RayConfig()
+    hash_inputs: bool = Field(False, description="a rerun compares inputs by sha256 too, not only by size and "
+                                                 "modification time (reads every input once more)")
 
     @field_validator("sources")
     @classmethod

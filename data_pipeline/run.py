@@ -20,7 +20,7 @@ from data_pipeline.errors import PipelineError
 from data_pipeline.report import build_report, write_report
 from data_pipeline.stages import InputTask, deduplicate, process_input, write_source_shards
 from data_pipeline.tokenization import tokenizer_record
-from shard_format import MANIFEST_NAME, Manifest, ShardRecord, atomic_write, make_manifest, write_manifest
+from shard_format import MANIFEST_NAME, Manifest, ShardRecord, atomic_write, make_manifest, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 WORK = "_work"
@@ -55,7 +55,8 @@ def prepare_output(out_dir: Path, config: PipelineConfig, tasks: list[InputTask]
     except OSError as e:
         raise PipelineError(f"{out_dir}: output directory is not writable ({e.strerror})") from None
     resolved = config.model_dump(mode="json")
-    fingerprint = hashlib.sha256(json.dumps([resolved, [t.path for t in tasks]], sort_keys=True).encode()).hexdigest()
+    inputs = [input_identity(Path(t.path), config.hash_inputs) for t in tasks]
+    fingerprint = hashlib.sha256(json.dumps([resolved, inputs], sort_keys=True).encode()).hexdigest()
     work = out_dir / WORK
     marker = work / "fingerprint"
     if marker.is_file() and marker.read_text() != fingerprint:
@@ -67,6 +68,12 @@ def prepare_output(out_dir: Path, config: PipelineConfig, tasks: list[InputTask]
     marker.write_text(fingerprint)
     atomic_write(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     return work
+
+
+def input_identity(path: Path, by_content: bool) -> list:
+    """What says an input is the same file as last run: path, size and modification time (and sha256)."""
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns] + ([sha256_file(path)] if by_content else [])
 
 
 def run_pipeline(config: PipelineConfig, out_dir: Path, executor,

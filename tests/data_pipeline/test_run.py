@@ -124,3 +124,20 @@ def test_changed_config_starts_over(inputs, make_config):
     assert [e["path"] for e in manifest["shards"]] == ["web/shard-000000.tar", "books/shard-000000.tar"]
     assert sorted(p.name for p in (out / "books").iterdir()) == ["shard-000000.tar"]
     assert json.loads((out / "report.json").read_text())["failed_inputs"] == []
+
+
+@pytest.mark.parametrize("hash_inputs", [False, True])
+def test_an_input_changed_in_place_is_read_again(inputs, make_config, hash_inputs):
+    """Same path, new content: a rerun must not reuse the stale results of the old file."""
+    out, book = inputs / "out", sorted((inputs / "books").glob("*.txt"))[0]
+    config = make_config(sources(inputs), hash_inputs=hash_inputs)
+    _, before = run_pipeline(config, out, LocalExecutor())
+    stat, data = book.stat(), book.read_bytes()
+    if hash_inputs:  # the same size and modification time: only the content can tell
+        book.write_bytes(b"z " * 1000 + data[2000:])
+        os.utime(book, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    else:
+        book.write_bytes(data + b"\n\nA new closing chapter, added after the first run." * 20)
+    _, after = run_pipeline(config, out, LocalExecutor())
+    tokens = lambda m: sum(e["tokens"] for e in m["shards"] if e["source"] == "books")  # noqa: E731
+    assert tokens(after) != tokens(before)
