@@ -1,8 +1,10 @@
 """From signatures to the documents to drop: exact-hash groups, LSH band buckets, and
-connected components (union-find); each group keeps its lowest document key."""
+connected components; each group keeps its lowest document key."""
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 
 def exact_duplicates(keys: np.ndarray, hashes: np.ndarray) -> np.ndarray:
@@ -29,22 +31,12 @@ def band_edges(band: np.ndarray) -> np.ndarray:
 
 
 def components(n: int, edges: np.ndarray) -> np.ndarray:
-    """Root (lowest position) of each position's connected component."""
-    parent = np.arange(n, dtype=np.int64)
-
-    def find(x: int) -> int:
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:  # path compression
-            parent[x], x = root, parent[x]
-        return root
-
-    for a, b in edges.tolist():
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)], dtype=np.int64)
+    """Root (lowest position) of each position's connected component (scipy's csgraph, vectorised)."""
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    roots = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(roots, labels, np.arange(n, dtype=np.int64))
+    return roots[labels]
 
 
 def find_duplicates(signatures: dict[str, np.ndarray], bands: int, rows: int, exact: bool,
