@@ -224,11 +224,22 @@ class MixedStream:
 
 
 def heldout_windows(data: TrainingData, seq_len: int, heldout_percent: float) -> Iterator[np.ndarray]:
-    """The held-out documents (by key hash) of every source, packed the same way, one pass each."""
-    for name in sorted(data.weights):
-        stream = SourceStream(data, name, seed=0, heldout_percent=heldout_percent, on_corrupt="error", heldout=True)
-        while (window := stream.take(seq_len + 1)) is not None:
-            yield window
+    """The held-out documents (by key hash) of every source, packed the same way and mixed by the same
+    weights, one pass: a source that runs out leaves the mix and the others go on to their ends."""
+    streams = {n: SourceStream(data, n, seed=0, heldout_percent=heldout_percent, on_corrupt="error", heldout=True)
+               for n in sorted(data.weights)}
+    credit = dict.fromkeys(streams, 0.0)
+    while streams:
+        total = sum(data.weights[n] for n in streams)
+        for n in streams:
+            credit[n] += data.weights[n] / total
+        pick = max(streams, key=credit.__getitem__)
+        credit[pick] -= 1.0
+        window = streams[pick].take(seq_len + 1)
+        if window is None:
+            del streams[pick]
+            continue
+        yield window
 
 
 def heldout_batches(data: TrainingData, seq_len: int, batch_size: int, heldout_percent: float,

@@ -4,16 +4,23 @@ max_memory_allocated, on a CPU the peak resident set above the level just before
 from __future__ import annotations
 
 import json
+import resource
+import sys
 from pathlib import Path
 
 import torch
 
 
 def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    """VmRSS / VmHWM from /proc; elsewhere (macOS) the process's peak from getrusage for both."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 class PeakMemory:
@@ -24,7 +31,10 @@ class PeakMemory:
             self.baseline = torch.cuda.memory_allocated()
         else:
             self.baseline = _status_bytes("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
+            except OSError:
+                pass  # no /proc: the peak then counts from the process start
 
     def peak(self) -> int:
         """Bytes above the baseline at the peak so far."""

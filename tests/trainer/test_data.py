@@ -138,3 +138,11 @@ def test_corrupted_shard_is_skipped_when_configured(shard_dir, tmp_path, caplog)
     for _ in range(300):  # more than one epoch of the good shard
         assert stream.next_window() is not None
     assert f"skipping shard {shard}" in caplog.text
+
+
+def test_heldout_windows_mix_the_sources_by_their_weights(uneven_sources):
+    data_dir, weights = uneven_sources
+    batches = heldout_batches(load_manifest(data_dir, 50257), 32, 10, heldout_percent=20.0, max_batches=2)
+    names = {1: "books", 2: "web", 3: "wiki"}
+    sources = [{names[int(t) // 1000] for t in w if t != 50256}.pop() for b in batches for w in b.numpy()]
+    assert {s: sources.count(s) for s in weights} == {"books": 3, "web": 12, "wiki": 5}  # 16%, 60%, 24% of 20
