@@ -27,8 +27,8 @@ from trainer.distributed import init_distributed, shutdown_distributed
 from trainer.engine import build_engine, build_model
 from trainer.errors import ConfigError, TrainError
 from trainer.logs import setup_logging, stdout_to_log
-from trainer.memory import PeakMemory
 from trainer.malloc import keep_freed_memory, return_freed_memory
+from trainer.memory import PeakMemory
 from trainer.metrics import MetricsLogger, flops_for, moe_fields, progress_line
 from trainer.schedule import accumulation_at, lr_at
 from trainer.stability import SpikeMonitor
