@@ -185,28 +185,34 @@ class SourceStream:
         self.pos, self._docs, self._doc = dict(pos), None, None
 
 
+def pick_source(credit: dict[str, float], weights: dict[str, float]) -> str:
+    """Smooth weighted round robin over the sources in `credit`: each earns its share of their weights,
+    and the richest pays a window, so every share is exact to within one window at any point."""
+    total = sum(weights[n] for n in credit)
+    for n in credit:
+        credit[n] += weights[n] / total
+    pick = max(credit, key=credit.__getitem__)
+    credit[pick] -= 1.0
+    return pick
+
+
 class MixedStream:
     """Windows of seq_len + 1 tokens, each cut from one source's stream (so a window may straddle that
-    source's documents, as in GPT-3's training), the source of each window chosen so that its share of
-    windows, hence of training tokens, follows its weight (GPT-3 Table 2.2). The choice is smooth weighted
-    round robin: every source earns its weight in credit per window and the richest one pays a window,
-    so each share is exact to within one window at any point, with no randomness to drift."""
+    source's documents, as in GPT-3's training), the source of each window chosen by `pick_source` so
+    that its share of windows, hence of training tokens, follows its weight (GPT-3 Table 2.2), with no
+    randomness to drift."""
 
     def __init__(self, data: TrainingData, seq_len: int, seed: int, heldout_percent: float = 0.0,
                  on_corrupt: str = "error"):
         self.window = seq_len + 1
         self.names = sorted(data.weights)
-        total = sum(data.weights.values())
-        self.weights = {n: data.weights[n] / total for n in self.names}
+        self.weights = data.weights
         self.streams = {n: SourceStream(data, n, seed, heldout_percent, on_corrupt) for n in self.names}
         self.credit = dict.fromkeys(self.names, 0.0)
         self.windows = dict.fromkeys(self.names, 0)  # drawn from each source so far
 
     def next_window(self) -> np.ndarray:
-        for n in self.names:
-            self.credit[n] += self.weights[n]
-        pick = max(self.names, key=self.credit.__getitem__)
-        self.credit[pick] -= 1.0
+        pick = pick_source(self.credit, self.weights)
         self.windows[pick] += 1
         return self.streams[pick].take(self.window)
 
@@ -229,15 +235,11 @@ def heldout_windows(data: TrainingData, seq_len: int, heldout_percent: float) ->
     streams = {n: SourceStream(data, n, seed=0, heldout_percent=heldout_percent, on_corrupt="error", heldout=True)
                for n in sorted(data.weights)}
     credit = dict.fromkeys(streams, 0.0)
-    while streams:
-        total = sum(data.weights[n] for n in streams)
-        for n in streams:
-            credit[n] += data.weights[n] / total
-        pick = max(streams, key=credit.__getitem__)
-        credit[pick] -= 1.0
+    while credit:
+        pick = pick_source(credit, data.weights)
         window = streams[pick].take(seq_len + 1)
         if window is None:
-            del streams[pick]
+            del credit[pick]
             continue
         yield window
 

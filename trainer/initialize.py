@@ -17,9 +17,14 @@ from torch import nn
 CHUNK = 1 << 20
 
 
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from its parts (the run's seed first): independent streams that no layout changes."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _generator(seed: int, name: str, chunk: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{name}/{chunk}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator().manual_seed(derived_seed(seed, name, chunk))
 
 
 def fill_normal_(target: torch.Tensor, seed: int, name: str, start: int, mean: float, std: float) -> None:

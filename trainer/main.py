@@ -26,6 +26,7 @@ from trainer.data import TrainLoader, load_manifest
 from trainer.distributed import init_distributed, shutdown_distributed
 from trainer.engine import build_engine, build_model
 from trainer.errors import ConfigError, TrainError
+from trainer.initialize import derived_seed
 from trainer.logs import setup_logging, stdout_to_log
 from trainer.malloc import keep_freed_memory, return_freed_memory
 from trainer.memory import PeakMemory
@@ -34,10 +35,6 @@ from trainer.schedule import accumulation_at, lr_at
 from trainer.stability import SpikeMonitor
 
 log = logging.getLogger("trainer")
-
-
-def micro_batch_seed(seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/micro-batch/{index}".encode()).digest()[:8], "little") >> 1
 
 
 class Trainer:
@@ -132,7 +129,8 @@ class Trainer:
     def _micro_step(self, batch: torch.Tensor, k: int):
         # Dropout and router jitter drawn from the global micro-batch's index: the same whatever the layout.
         micro = self.cfg.train.micro_batch_size * self.cfg.train.seq_len
-        torch.manual_seed(micro_batch_seed(self.cfg.train.seed, self.tokens // micro + k * self.world + self.rank))
+        index = self.tokens // micro + k * self.world + self.rank
+        torch.manual_seed(derived_seed(self.cfg.train.seed, "micro-batch", index))
         batch = batch.to(self.engine.device, non_blocking=True)  # the loader yields CPU tensors
         out = self.engine(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
         loss = out.loss

@@ -2,13 +2,12 @@
 `python -m tests.trainer.scale_worker RUN_DIR OUT_DIR`. Builds the run's model and engine as the
 trainer does, takes one optimizer step, saves a checkpoint, and writes what it measured to
 OUT_DIR/rank-R.json: the RSS increase while the model was built and while the checkpoint was saved
-(peaks, sampled every millisecond), and its live parameters (OUT_DIR/live-rank-R.pt, unless ZeRO-3)."""
+(peaks: the kernel's high-water mark, reset before each, trainer/memory.py), and its live parameters
+(OUT_DIR/live-rank-R.pt, unless ZeRO-3)."""
 from __future__ import annotations
 
 import json
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -18,33 +17,7 @@ from trainer import checkpoint
 from trainer.configio import read_run_config
 from trainer.distributed import init_distributed, shutdown_distributed
 from trainer.engine import build_engine, build_model
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-class PeakRSS:
-    """The largest RSS increase over the start while the block runs."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.start = self.peak = rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, rss())
-        self.increase = self.peak - self.start
+from trainer.memory import PeakMemory
 
 
 def main(run_dir: Path, out: Path) -> None:
@@ -52,8 +25,9 @@ def main(run_dir: Path, out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = read_run_config(run_dir / "config.yaml").for_world(world)
     accum = cfg.gradient_accumulation
-    with PeakRSS() as construction:
-        model = build_model(cfg, world, accum)
+    construction = PeakMemory("cpu")
+    model = build_model(cfg, world, accum)
+    construction_increase = construction.peak()
     engine = build_engine(cfg, model, world, accum)
     t = cfg.train
     tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1),
@@ -63,16 +37,16 @@ def main(run_dir: Path, out: Path) -> None:
         engine.backward(loss)
         engine.step()
     layout = {"world_size": world, "zero_stage": cfg.parallel.zero_stage, "ep_size": cfg.parallel.ep_size}
-    with PeakRSS() as save:
-        checkpoint.save(engine, run_dir / "checkpoints", 1, {"step": 1}, (run_dir / "config.yaml").read_text(), 1,
-                        layout)
+    save = PeakMemory("cpu")
+    checkpoint.save(engine, run_dir / "checkpoints", 1, {"step": 1}, (run_dir / "config.yaml").read_text(), 1, layout)
+    save_increase = save.peak()
     if cfg.parallel.zero_stage != 3:
         live = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
         torch.save({"params": live, "offsets": {name: getattr(p, "flat_offset", 0)
                                                 for name, p in engine.module.named_parameters()}},
                    out / f"live-rank-{rank}.pt")
-    (out / f"rank-{rank}.json").write_text(json.dumps({"construction_increase": construction.increase,
-                                                       "save_increase": save.increase}))
+    (out / f"rank-{rank}.json").write_text(json.dumps({"construction_increase": construction_increase,
+                                                       "save_increase": save_increase}))
     shutdown_distributed()
 
 
