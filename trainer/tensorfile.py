@@ -9,11 +9,14 @@ with the library (`safetensors.safe_open`, lazy and memory-mapped).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
+
+from shard_format.files import fsync_dir
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
@@ -21,7 +24,8 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
 
 class SafetensorsWriter:
     """`with SafetensorsWriter(path, specs, metadata) as w: w.write(name, tensor)` for each spec, in order.
-    specs: (name, shape, dtype). The file appears at `path` (atomically, fsynced) only when complete."""
+    specs: (name, shape, dtype). The file appears at `path` only when complete, as shard_format's
+    atomic_write does it (temp file, fsync, rename, fsync of the directory)."""
 
     def __init__(self, path: str | Path, specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: Optional[dict[str, str]] = None):
@@ -30,7 +34,7 @@ class SafetensorsWriter:
         header: dict = {"__metadata__": metadata} if metadata else {}
         offset, self.order = 0, []
         for name, shape, dtype in specs:
-            size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             self.order.append((name, tuple(shape), dtype))
             offset += size
@@ -63,10 +67,4 @@ class SafetensorsWriter:
             self.tmp.unlink(missing_ok=True)  # and the exception goes on
             return
         os.replace(self.tmp, self.path)
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+        fsync_dir(self.path.parent)

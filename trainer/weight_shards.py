@@ -10,6 +10,7 @@ back together one parameter at a time, so a whole checkpoint is never in memory 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Iterator
@@ -88,7 +89,7 @@ class ShardedWeights:
 
     def read(self, name: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Flat fp32 elements [start, end) of `name`; refuses a range the fragments do not cover exactly."""
-        end = _numel(self.shapes[name]) if end is None else end
+        end = math.prod(self.shapes[name]) if end is None else end
         out, covered = torch.empty(end - start), 0
         for piece_start, numel, i in self.pieces[name]:
             lo, hi = max(start, piece_start), min(end, piece_start + numel)
@@ -113,7 +114,3 @@ def consolidate(step_dir: Path, out: Path) -> Path:
         for name, tensor in weights.tensors():
             writer.write(name, tensor)
     return out
-
-
-def _numel(shape) -> int:
-    return int(torch.Size(shape).numel())
