@@ -11,14 +11,13 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from data_pipeline.config import PipelineConfig, path_bases, resolve_glob, resolve_paths
 from data_pipeline.document import StepStats
 from data_pipeline.errors import PipelineError
 from data_pipeline.report import build_report, write_report
-from data_pipeline.stages import InputTask, deduplicate, process_input, write_source_shards
+from data_pipeline.stages import WORK_FORMAT, InputTask, deduplicate, plan_shards, process_input, write_shard
 from data_pipeline.tokenization import tokenizer_record
 from shard_format import MANIFEST_NAME, Manifest, ShardRecord, atomic_write, make_manifest, sha256_file, write_manifest
 
@@ -56,7 +55,7 @@ def prepare_output(out_dir: Path, config: PipelineConfig, tasks: list[InputTask]
         raise PipelineError(f"{out_dir}: output directory is not writable ({e.strerror})") from None
     resolved = config.model_dump(mode="json")
     inputs = [input_identity(Path(t.path), config.hash_inputs) for t in tasks]
-    fingerprint = hashlib.sha256(json.dumps([resolved, inputs], sort_keys=True).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps([WORK_FORMAT, resolved, inputs], sort_keys=True).encode()).hexdigest()
     work = out_dir / WORK
     marker = work / "fingerprint"
     if marker.is_file() and marker.read_text() != fingerprint:
@@ -93,10 +92,14 @@ def run_pipeline(config: PipelineConfig, out_dir: Path, executor,
     failed += [{"source": r["source"], "path": r["path"], "error": r["error"]} for r in results if r["error"]]
     done = [r for r in results if not r["error"]]
     unread = [s.name for s in config.sources if not any(r["source"] == s.name for r in done)]
-    removed, dedup_stats = deduplicate(config, work, done,
-                                       lambda fn, bands: executor.map(fn, bands, desc="dedup bands"))
-    shard_results = executor.map(_shard_source, [s.name for s in config.sources], config, work, out_dir,
-                                 _by_source(done), removed, desc="shards")
+    dedup_stats = deduplicate(config, work, done, executor.map)
+    by_source = _by_source(done)
+    plans = executor.map(_plan_source, [s.name for s in config.sources], by_source, config, work, out_dir,
+                         desc="shards: plan")
+    written = executor.map(write_shard, [p for source_plans in plans for p in source_plans], by_source, config,
+                           work, out_dir, desc="shards")
+    shard_results = [{"source": s.name, "shards": [w["shard"] for w in written if w["source"] == s.name]}
+                     for s in config.sources]
     shard_stats = {r["source"]: _shard_stats(r["shards"]) for r in shard_results}
     report = build_report(results, dedup_stats, shard_stats, failed, time.perf_counter() - started)
     write_report(out_dir, report)
@@ -117,9 +120,9 @@ def _by_source(done: list[dict]) -> dict[str, list[int]]:
     return grouped
 
 
-def _shard_source(source: str, config: PipelineConfig, work: Path, out_dir: Path,
-                  indices: dict[str, list[int]], removed: np.ndarray) -> dict:
-    return write_source_shards(source, indices.get(source, []), removed, config, work, out_dir)
+def _plan_source(source: str, indices: dict[str, list[int]], config: PipelineConfig, work: Path,
+                 out_dir: Path) -> list[dict]:
+    return plan_shards(source, indices.get(source, []), config, work, out_dir)
 
 
 def _shard_stats(shards: list[ShardRecord]) -> StepStats:

@@ -35,6 +35,25 @@ def npy_bytes(tokens: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def sample_record(meta: dict, source: str, n_tokens: int) -> bytes:
+    """The sample's `.json` member."""
+    return json.dumps({**meta, "source": source, "tokens": int(n_tokens)}, sort_keys=True).encode()
+
+
+def _member_bytes(payload: int) -> int:
+    return tarfile.BLOCKSIZE + -(-payload // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # header + padded payload
+
+
+def sample_bytes(meta: dict, source: str, n_tokens: int, dtype: np.dtype) -> int:
+    """What a sample adds to a tar, known before writing it: shard boundaries can then be planned
+    first and the shards written by several tasks, byte-identical to one writer's."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": (int(n_tokens),)})
+    npy = header.tell() + int(n_tokens) * np.dtype(dtype).itemsize
+    return _member_bytes(npy) + _member_bytes(len(sample_record(meta, source, n_tokens)))
+
+
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(payload), 0, 0o644
@@ -44,10 +63,11 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 class ShardWriter:
-    """Writes one source's samples into `shard-NNNNNN.tar` files of about `target_bytes`."""
+    """Writes one source's samples into `shard-NNNNNN.tar` files of about `target_bytes`, numbered
+    from `first_shard`. A shard closes after the sample that brings it to `target_bytes`."""
 
-    def __init__(self, out_dir: Path, source: str, target_bytes: int):
-        self.dir, self.source, self.target_bytes = out_dir / source, source, target_bytes
+    def __init__(self, out_dir: Path, source: str, target_bytes: int, first_shard: int = 0):
+        self.dir, self.source, self.target_bytes, self.first_shard = out_dir / source, source, target_bytes, first_shard
         self.dir.mkdir(parents=True, exist_ok=True)
         self.entries: list[ShardRecord] = []
         self.tar = None
@@ -55,10 +75,9 @@ class ShardWriter:
     def add(self, meta: dict, tokens: np.ndarray) -> None:
         if self.tar is None:
             self._open()
-        key = sample_key(self.source, len(self.entries), self.samples)
-        record = {**meta, "source": self.source, "tokens": int(tokens.size)}
+        key = sample_key(self.source, self.first_shard + len(self.entries), self.samples)
         _add_member(self.tar, f"{key}.tokens.npy", npy_bytes(tokens))
-        _add_member(self.tar, f"{key}.json", json.dumps(record, sort_keys=True).encode())
+        _add_member(self.tar, f"{key}.json", sample_record(meta, self.source, tokens.size))
         self.samples += 1
         self.tokens += int(tokens.size)
         if self.file.tell() >= self.target_bytes:
@@ -70,7 +89,7 @@ class ShardWriter:
         return self.entries
 
     def _open(self) -> None:
-        self.final = self.dir / f"shard-{len(self.entries):06d}.tar"
+        self.final = self.dir / f"shard-{self.first_shard + len(self.entries):06d}.tar"
         self.tmp = self.final.with_name(self.final.name + ".tmp")
         self.file = open(self.tmp, "wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)

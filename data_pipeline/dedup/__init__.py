@@ -1,5 +1,5 @@
 """Deduplication: exact (normalized-text hash) and MinHash LSH, as a global stage over the
-signatures every task saved (see `data_pipeline.stages.deduplicate`)."""
+signatures every task saved, partitioned across tasks (see `data_pipeline.stages.deduplicate`)."""
 from __future__ import annotations
 
 from pydantic import Field
@@ -20,3 +20,5 @@ class MinHashConfig(Section):
 class DedupConfig(Section):
     exact: bool = True
     minhash: MinHashConfig = MinHashConfig()
+    partition_entries: int = Field(8_000_000, gt=0, description="dedup entries (documents x (bands + 1)) per "
+                                   "partition task: bounds each task's memory (~100 bytes per entry at peak)")
