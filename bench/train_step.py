@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from trainer.config import ModelConfig  # noqa: E402
-from trainer.data import TrainLoader, load_manifest  # noqa: E402
+from trainer.data import CausalLM, TrainLoader, load_manifest  # noqa: E402
 from trainer.model.counting import flops_per_token  # noqa: E402
 
 SEQ, MICRO = 64, 8
@@ -74,7 +74,7 @@ def run_ours(config: str, extra: list[str], data: Path, steps: int, workdir: Pat
 
 
 def batches(data: Path, n: int) -> list[torch.Tensor]:
-    loader = TrainLoader(load_manifest(data, 50257), SEQ, MICRO, 0, 1, 1234, 2.0, "error", 0)
+    loader = TrainLoader(load_manifest(data, 50257), CausalLM(SEQ), MICRO, 0, 1, 1234, 2.0, "error", 0)
     return [loader.next() for _ in range(n)]
 
 

@@ -12,7 +12,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
+from trainer import span_corruption
 from trainer.errors import TrainError
+from trainer.special_tokens import PAD, SPAN_CORRUPTION_VOCAB_SIZE
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
 
@@ -91,10 +93,20 @@ class DataConfig(Section):
                                                        "often (GPT-3 saw Wikipedia 3.4 times)")
 
 
+class SpanCorruptionConfig(Section):
+    """T5's objective (Raffel et al. 2020, §3.1.4); the lengths follow from train.seq_len (trainer.span_corruption)."""
+
+    noise_density: float = Field(0.15, gt=0.0, lt=1.0, description="share of each example's tokens corrupted")
+    mean_noise_span_length: float = Field(3.0, ge=1.0, description="mean length (tokens) of a corrupted span")
+
+
 class TrainConfig(Section):
-    seq_len: PositiveInt = 2048
+    objective: Literal["causal_lm", "span_corruption"] = "causal_lm"
+    span_corruption: SpanCorruptionConfig = SpanCorruptionConfig()
+    seq_len: PositiveInt = Field(2048, description="causal_lm: tokens per sequence; span_corruption: encoder "
+                                                   "input length (T5: 512)")
     max_steps: PositiveInt = 100
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, description="numpy seeds the shard order and span masks with it: non-negative")
     micro_batch_size: PositiveInt = 1
     global_batch_size: PositiveInt = Field(8, description="sequences per optimizer step, all ranks together")
     gradient_accumulation_steps: Optional[PositiveInt] = Field(None, description="default: derived from the batch sizes")
@@ -112,6 +124,23 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     loss_spike_factor: PositiveFloat = Field(2.0, description="a loss above factor x running mean counts as a spike")
     loss_spike_patience: PositiveInt = Field(3, description="consecutive spikes that trigger a rollback")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        s = self.span_corruption
+        if self.objective == "span_corruption" and (
+                problem := span_corruption.settings_problem(self.seq_len, s.noise_density, s.mean_noise_span_length)):
+            raise ValueError(f"train.span_corruption: {problem}")
+        return self
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        """Tokens a sequence counts for in `tokens`, the schedules and the mixture shares: causal_lm, the
+        seq_len it predicts; span_corruption, the raw tokens an example takes from the shards (568 for 512)."""
+        if self.objective == "causal_lm":
+            return self.seq_len
+        s = self.span_corruption
+        return span_corruption.random_spans_lengths(self.seq_len, s.noise_density, s.mean_noise_span_length)[0]
 
 
 class ParallelConfig(Section):
@@ -153,6 +182,10 @@ class RunConfig(Section):
         m, t, p = self.model, self.train, self.parallel
         if t.seq_len > m.n_ctx:
             raise ValueError(f"train.seq_len: {t.seq_len} is longer than the position table model.n_ctx={m.n_ctx}")
+        if t.objective == "span_corruption" and m.vocab_size < SPAN_CORRUPTION_VOCAB_SIZE:
+            raise ValueError(f"model.vocab_size: {m.vocab_size} has no room for span corruption's PAD and "
+                             f"sentinels (ids {PAD}..{SPAN_CORRUPTION_VOCAB_SIZE - 1}, trainer.special_tokens): "
+                             f"it needs at least {SPAN_CORRUPTION_VOCAB_SIZE}")
         if problem := m.expert_parallel_error(p.ep_size):
             raise ValueError(f"parallel.ep_size: {problem}")
         if m.moe is None and p.ep_size != 1:

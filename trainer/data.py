@@ -1,10 +1,11 @@
 """Streaming training data from webdataset shards (DESIGN.md shard format).
 
-Each source is one token stream (doc, EOT, doc, EOT, ...); `seq_len + 1`-token windows are cut from
-the sources so that each source's share of tokens is its mixture weight; the windows form one global
-order that every layout of ranks, loader workers and micro-batches splits the same way. The whole
-position (per-source cursors and mixing credit) is a small dict that checkpoints save, so a resumed
-run continues with the very next token.
+Each source is one token stream (doc, EOT, doc, EOT, ...); windows of the objective's length
+(`seq_len + 1` for the causal LM, T5's raw length for span corruption) are cut from the sources so
+that each source's share of tokens is its mixture weight; the windows form one global order that
+every layout of ranks, loader workers and micro-batches splits the same way, and the objective turns
+window i of that order into example i. The whole position (per-source cursors and mixing credit) is
+a small dict that checkpoints save, so a resumed run continues with the very next token.
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 import shard_format
 from shard_format import MANIFEST_NAME, Manifest, ManifestError, ShardRecord, TokenizerRecord, sha256_file
+from trainer.config import TrainConfig
 from trainer.errors import TrainError
+from trainer.span_corruption import SpanCorruption
+from trainer.special_tokens import PAD
 
 log = logging.getLogger(__name__)
 KEY_RE = re.compile(r"^[A-Za-z0-9_.]+-\d{6}-\d{6}$")
@@ -196,15 +200,47 @@ def pick_source(credit: dict[str, float], weights: dict[str, float]) -> str:
     return pick
 
 
+class CausalLM:
+    """Next-token prediction: a window of seq_len + 1 tokens is its own example, inputs the first seq_len
+    tokens, targets the last seq_len. `SpanCorruption` is the other objective, with the same interface."""
+
+    def __init__(self, seq_len: int):
+        self.window, self.tokens_per_sequence = seq_len + 1, seq_len
+
+    def example(self, tokens: np.ndarray, index: int) -> np.ndarray:
+        return tokens
+
+    def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the model call."""
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def predicted(self, targets: torch.Tensor) -> int:
+        return targets.numel()
+
+
+Objective = CausalLM | SpanCorruption
+
+
+def objective_for(t: TrainConfig, data: TrainingData) -> Objective:
+    """train.objective as the loader, the training loop and eval apply it to `data`."""
+    if t.objective == "causal_lm":
+        return CausalLM(t.seq_len)
+    if data.tokenizer["vocab_size"] > PAD:  # its ids would be taken for PAD and the sentinels
+        raise TrainError(f"data.path: tokenizer {data.tokenizer.get('name')!r} has {data.tokenizer['vocab_size']} ids; "
+                         f"span corruption appends its PAD and sentinels after GPT-2's {PAD}")
+    s = t.span_corruption
+    return SpanCorruption(t.seq_len, s.noise_density, s.mean_noise_span_length, t.seed)
+
+
 class MixedStream:
-    """Windows of seq_len + 1 tokens, each cut from one source's stream (so a window may straddle that
+    """Windows of the objective's length, each cut from one source's stream (so a window may straddle that
     source's documents, as in GPT-3's training), the source of each window chosen by `pick_source` so
     that its share of windows, hence of training tokens, follows its weight (GPT-3 Table 2.2), with no
     randomness to drift."""
 
-    def __init__(self, data: TrainingData, seq_len: int, seed: int, heldout_percent: float = 0.0,
+    def __init__(self, data: TrainingData, objective: Objective, seed: int, heldout_percent: float = 0.0,
                  on_corrupt: str = "error"):
-        self.window = seq_len + 1
+        self.window = objective.window
         self.names = sorted(data.weights)
         self.weights = data.weights
         self.streams = {n: SourceStream(data, n, seed, heldout_percent, on_corrupt) for n in self.names}
@@ -215,6 +251,10 @@ class MixedStream:
         pick = pick_source(self.credit, self.weights)
         self.windows[pick] += 1
         return self.streams[pick].take(self.window)
+
+    def drawn(self) -> int:
+        """Windows drawn so far, all sources together: the global index of the next example."""
+        return sum(self.windows.values())
 
     def state(self) -> dict:
         return {"credit": dict(self.credit), "windows": dict(self.windows),
@@ -229,37 +269,42 @@ class MixedStream:
             self.streams[n].load_state(pos)
 
 
-def heldout_windows(data: TrainingData, seq_len: int, heldout_percent: float) -> Iterator[np.ndarray]:
-    """The held-out documents (by key hash) of every source, packed the same way and mixed by the same
-    weights, one pass: a source that runs out leaves the mix and the others go on to their ends."""
+def heldout_examples(data: TrainingData, objective: Objective, heldout_percent: float) -> Iterator[np.ndarray]:
+    """The held-out documents (by key hash) of every source, packed the same way, mixed by the same
+    weights and made into examples the same way (span corruption: the run's seed and the example's
+    index in this pass), one pass: a source that runs out leaves the mix and the others go on to their ends."""
     streams = {n: SourceStream(data, n, seed=0, heldout_percent=heldout_percent, on_corrupt="error", heldout=True)
                for n in sorted(data.weights)}
     credit = dict.fromkeys(streams, 0.0)
+    index = 0
     while credit:
         pick = pick_source(credit, data.weights)
-        window = streams[pick].take(seq_len + 1)
+        window = streams[pick].take(objective.window)
         if window is None:
             del credit[pick]
             continue
-        yield window
+        yield objective.example(window, index)
+        index += 1
 
 
-def heldout_batches(data: TrainingData, seq_len: int, batch_size: int, heldout_percent: float,
+def heldout_batches(data: TrainingData, objective: Objective, batch_size: int, heldout_percent: float,
                     max_batches: int) -> list[torch.Tensor]:
-    windows = heldout_windows(data, seq_len, heldout_percent)
+    examples = heldout_examples(data, objective, heldout_percent)
     out = []
-    while len(out) < max_batches and len(rows := [w for _, w in zip(range(batch_size), windows)]) == batch_size:
+    while len(out) < max_batches and len(rows := [e for _, e in zip(range(batch_size), examples)]) == batch_size:
         out.append(torch.from_numpy(np.stack(rows)))
     return out
 
 
 class _RankShare(torch.utils.data.IterableDataset):
     """Global micro-batch m (batch_size consecutive windows of the one stream) belongs to rank m % world;
-    loader worker w of W takes the rank's micro-batches j with j % W == w. Each yields (micro-batch, the
-    stream's state at the end of that round of `world` micro-batches)."""
+    loader worker w of W takes the rank's micro-batches j with j % W == w, and makes examples of its
+    windows only. Each yields (micro-batch, the stream's state at the end of that round of `world`
+    micro-batches)."""
 
-    def __init__(self, make_stream, state: Optional[dict], rank: int, world: int, batch_size: int, workers: int):
-        self.make_stream, self.state, self.rank, self.world = make_stream, state, rank, world
+    def __init__(self, make_stream, objective: Objective, state: Optional[dict], rank: int, world: int,
+                 batch_size: int, workers: int):
+        self.make_stream, self.objective, self.state, self.rank, self.world = make_stream, objective, state, rank, world
         self.batch_size, self.workers = batch_size, workers
 
     def __iter__(self):
@@ -269,9 +314,11 @@ class _RankShare(torch.utils.data.IterableDataset):
         if self.state is not None:
             stream.load_state(self.state)
         for j in itertools.count():
+            first = stream.drawn() + self.rank * self.batch_size  # global index of this rank's first example
             rounds = [[stream.next_window() for _ in range(self.batch_size)] for _ in range(self.world)]
             if j % self.workers == worker:
-                yield torch.from_numpy(np.stack(rounds[self.rank])), stream.state()
+                rows = [self.objective.example(w, first + i) for i, w in enumerate(rounds[self.rank])]
+                yield torch.from_numpy(np.stack(rows)), stream.state()
 
 
 class TrainLoader:
@@ -280,14 +327,14 @@ class TrainLoader:
     worker) reads the whole stream and keeps its share: reading is cheap next to a training step.
     `state()` is the stream's position after the last round of micro-batches, the same on every rank."""
 
-    def __init__(self, data: TrainingData, seq_len: int, batch_size: int, rank: int, world: int, seed: int,
+    def __init__(self, data: TrainingData, objective: Objective, batch_size: int, rank: int, world: int, seed: int,
                  heldout_percent: float, on_corrupt: str, num_workers: int, state: Optional[dict] = None):
         def make_stream() -> MixedStream:
-            return MixedStream(data, seq_len, seed, heldout_percent, on_corrupt)
+            return MixedStream(data, objective, seed, heldout_percent, on_corrupt)
 
         self._state = state if state is not None else make_stream().state()
-        self.seq_len = seq_len
-        dataset = _RankShare(make_stream, state, rank, world, batch_size, max(num_workers, 1))
+        self.objective = objective
+        dataset = _RankShare(make_stream, objective, state, rank, world, batch_size, max(num_workers, 1))
         # Its own generator: DataLoader draws a seed when iterated, which would shift the training RNG on resume.
         self._it = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                                     persistent_workers=num_workers > 0,
@@ -301,5 +348,5 @@ class TrainLoader:
         return self._state
 
     def tokens_by_source(self) -> dict[str, int]:
-        """Training tokens drawn from each source so far, all ranks together (seq_len per window)."""
-        return {name: n * self.seq_len for name, n in self._state["windows"].items()}
+        """Training tokens drawn from each source so far, all ranks together (`tokens_per_sequence` per window)."""
+        return {name: n * self.objective.tokens_per_sequence for name, n in self._state["windows"].items()}

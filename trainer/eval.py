@@ -4,6 +4,9 @@ here, so no benchmark download is needed:
 - two-digit addition, GPT-3's prompt format ("Q: What is 48 plus 76? A: 124");
 - next-word prediction on held-out sentences (LAMBADA-style: the last word of a sentence).
 Each is scored zero-shot, one-shot and few-shot; an answer counts when greedy decoding reproduces it.
+A span-corruption (encoder-decoder) run reports the held-out loss of the targets its objective makes
+of the held-out documents (the run's seed, so the same every time), and no few-shot tasks: those
+prompt a decoder-only LM.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Optional
 import torch
 
 from shard_format import TokenizerError, TokenizerRecord, encoding_for
-from trainer.data import heldout_batches, load_manifest
+from trainer.data import Objective, heldout_batches, load_manifest, objective_for
 from trainer.errors import TrainError
 from trainer.pretrained import load_pretrained
 
@@ -30,14 +33,15 @@ def load_tokenizer(manifest_tokenizer: TokenizerRecord, path: Optional[str]):
 
 
 @torch.no_grad()
-def heldout_loss(model, batches: list[torch.Tensor]) -> dict:
+def heldout_loss(model, batches: list[torch.Tensor], objective: Objective) -> dict:
     if not batches:
         raise TrainError("no held-out documents: raise data.heldout_percent (they are chosen by key hash)")
     total, n = 0.0, 0
     for b in batches:
-        out = model(b[:, :-1], b[:, 1:])
-        total += out.ce_loss.item() * b[:, 1:].numel()
-        n += b[:, 1:].numel()
+        inputs, targets = objective.split(b)
+        predicted = objective.predicted(targets)
+        total += model(inputs, targets).ce_loss.item() * predicted
+        n += predicted
     loss = total / n
     return {"heldout_loss": loss, "heldout_perplexity": math.exp(loss), "heldout_tokens": n}
 
@@ -86,9 +90,11 @@ def evaluate(path: str | Path, tokenizer: Optional[str] = None, max_batches: int
              shots: tuple[int, ...] = (0, 1, 5), seed: int = 0) -> dict:
     model, cfg, step_dir = load_pretrained(path)
     manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
-    batches = heldout_batches(manifest, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.data.heldout_percent,
-                              max_batches)
-    result = {"checkpoint": str(step_dir), **heldout_loss(model, batches)}
+    objective = objective_for(cfg.train, manifest)
+    batches = heldout_batches(manifest, objective, cfg.train.micro_batch_size, cfg.data.heldout_percent, max_batches)
+    result = {"checkpoint": str(step_dir), "objective": cfg.train.objective, **heldout_loss(model, batches, objective)}
+    if cfg.train.objective == "span_corruption":
+        return result
     enc = load_tokenizer(manifest.tokenizer, tokenizer)
     rng = random.Random(seed)
     text = " ".join(enc.decode([t for t in b.flatten().tolist() if t != manifest.eot_id]) for b in batches)

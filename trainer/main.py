@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from trainer import checkpoint, testing_hooks
 from trainer.config import RunConfig
 from trainer.configio import read_run_config
-from trainer.data import TrainLoader, load_manifest
+from trainer.data import TrainLoader, load_manifest, objective_for
 from trainer.distributed import init_distributed, shutdown_distributed
 from trainer.engine import build_engine, build_model
 from trainer.errors import ConfigError, TrainError
@@ -50,6 +50,7 @@ class Trainer:
         model = build_model(cfg, self.world, self.full_accum)
         self.engine = build_engine(cfg, model, self.world, self.full_accum)
         self.manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
+        self.objective = objective_for(cfg.train, self.manifest)
         if self.rank == 0:
             self._log_epochs()
         self.step, self.tokens, self.skipped, self.rollbacks = 0, 0, 0, {}
@@ -65,7 +66,7 @@ class Trainer:
     def _log_epochs(self) -> None:
         """GPT-3 Table 2.2 for this run: how often each source is seen in the tokens it will train on."""
         t = self.cfg.train
-        budget = t.max_steps * t.global_batch_size * t.seq_len
+        budget = t.max_steps * t.global_batch_size * t.tokens_per_sequence
         for name, e in self.manifest.epochs(budget, self.cfg.data.heldout_percent).items():
             log.info("source %s: weight %.3f, %.3g tokens, %.3g drawn in %d steps: %.2f epochs", name, e["weight"],
                      e["tokens"], e["drawn"], t.max_steps, e["epochs"])
@@ -75,7 +76,7 @@ class Trainer:
 
     def _make_loader(self, data_state: Optional[dict]) -> TrainLoader:
         c = self.cfg
-        return TrainLoader(self.manifest, c.train.seq_len, c.train.micro_batch_size, self.rank, self.world,
+        return TrainLoader(self.manifest, self.objective, c.train.micro_batch_size, self.rank, self.world,
                            c.train.seed, c.data.heldout_percent, c.data.on_corrupt, c.data.num_workers, data_state)
 
     def _open_sample_log(self):
@@ -128,11 +129,11 @@ class Trainer:
 
     def _micro_step(self, batch: torch.Tensor, k: int):
         # Dropout and router jitter drawn from the global micro-batch's index: the same whatever the layout.
-        micro = self.cfg.train.micro_batch_size * self.cfg.train.seq_len
+        micro = self.cfg.train.micro_batch_size * self.cfg.train.tokens_per_sequence
         index = self.tokens // micro + k * self.world + self.rank
         torch.manual_seed(derived_seed(self.cfg.train.seed, "micro-batch", index))
         batch = batch.to(self.engine.device, non_blocking=True)  # the loader yields CPU tensors
-        out = self.engine(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
+        out = self.engine(*self.objective.split(batch))
         loss = out.loss
         if self.step + 1 == testing_hooks.nonfinite_step():
             loss = loss * float("nan")
@@ -171,7 +172,7 @@ class Trainer:
         loss, ce, aux, z = packed[:4].tolist()
         self.stop_requested = packed[4].item() > 0
         self.step += 1
-        step_tokens = accum * self.cfg.train.micro_batch_size * self.cfg.train.seq_len * self.world
+        step_tokens = accum * self.cfg.train.micro_batch_size * self.cfg.train.tokens_per_sequence * self.world
         self.tokens += step_tokens
         finite = np.isfinite(loss)
         if not finite or not self.engine.was_step_applied():
@@ -220,7 +221,7 @@ class Trainer:
         while self.step < t.max_steps:
             start = time.perf_counter()
             record = self.train_step()
-            record = self.metrics.log(record, time.perf_counter() - start, record["batch_size"] * t.seq_len)
+            record = self.metrics.log(record, time.perf_counter() - start, record["batch_size"] * t.tokens_per_sequence)
             if self.rank == 0 and self.step % self.cfg.logging.log_interval == 0:
                 print(progress_line(record, t.max_steps), flush=True)
             if self.spikes.update(record["loss"]):

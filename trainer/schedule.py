@@ -23,8 +23,8 @@ def accumulation_at(tokens: int, t: TrainConfig, full_accum: int, dp_size: int) 
     `batch_rampup_start_tokens` to the full batch over `batch_rampup_tokens`, in whole micro-batches."""
     if not t.batch_rampup_tokens or tokens >= t.batch_rampup_tokens:
         return full_accum
-    full_batch_tokens = t.global_batch_size * t.seq_len
+    full_batch_tokens = t.global_batch_size * t.tokens_per_sequence
     start = min(t.batch_rampup_start_tokens, full_batch_tokens)
     batch_tokens = start + (full_batch_tokens - start) * tokens / t.batch_rampup_tokens
-    per_micro = t.micro_batch_size * t.seq_len * dp_size
+    per_micro = t.micro_batch_size * t.tokens_per_sequence * dp_size
     return max(1, min(full_accum, int(batch_tokens // per_micro)))

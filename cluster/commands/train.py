@@ -67,7 +67,7 @@ def run_eval(args) -> int:
         return 0
     print(f"{result['checkpoint']}: held-out loss {result['heldout_loss']:.4f}, "
           f"perplexity {result['heldout_perplexity']:.1f} ({result['heldout_tokens']} tokens)")
-    for task, accs in result["few_shot"].items():
+    for task, accs in result.get("few_shot", {}).items():  # none for span corruption
         cells = "  ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items())
         print(f"  {task:<16} {cells}  (n={result['few_shot_examples'][task]})")
     return 0

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tests.trainer.conftest import REPO, child_env, free_port, make_run
 from trainer import weight_shards
 from trainer.config import ModelConfig
-from trainer.data import heldout_batches, load_manifest
+from trainer.data import CausalLM, heldout_batches, load_manifest
 from trainer.eval import heldout_loss
 from trainer.model import GPT
 from trainer.model.counting import param_counts
@@ -86,5 +86,5 @@ def test_consolidated_switch_checkpoint_is_exactly_the_live_model(tmp_path, shar
     model, cfg, _ = load_pretrained(step)
     live_model = GPT(cfg.model).eval()
     live_model.load_state_dict(consolidated, strict=False)  # the tied LM head is the token embedding
-    batches = heldout_batches(load_manifest(shard_dir, 50257), 64, 4, 2.0, max_batches=4)
-    assert heldout_loss(model, batches) == heldout_loss(live_model, batches)
+    batches = heldout_batches(load_manifest(shard_dir, 50257), CausalLM(64), 4, 2.0, max_batches=4)
+    assert heldout_loss(model, batches, CausalLM(64)) == heldout_loss(live_model, batches, CausalLM(64))
