@@ -168,3 +168,62 @@ def test_engine_builds_and_trains_it(one_process_world):
     down. ZeRO-3 last: deepspeed.zero.Init leaves patches behind that later builds in this process would meet."""
     build_and_train(SWITCH, zero=1)  # experts marked and built on the meta device (ZeRO-3 refuses MoE)
     build_and_train(T5, zero=3)  # partitioned as created
+
+
+# tiny-switch.yaml turned into a Switch encoder-decoder: T5's options, Switch layers in block 1 of each stack.
+TINY_SWITCH_T5 = dict(arch="encoder_decoder", pos_embedding="relative", norm="rmsnorm", bias=False,
+                      attention_scaling=False, activation="relu", scale_decoder_output=True, init="t5",
+                      layer_norm_eps=1e-6, decoder_start_token_id=0,
+                      moe=dict(num_experts=4, routing_group="sequence", jitter=0.01))
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_switch_encoder_decoder_trains_the_same_with_expert_parallelism(tmp_path, shard_dir):
+    """The training loop, unchanged: 1 process at ZeRO-0 and 2 at ZeRO-2 with the experts split over
+    both start from the same weights and log the same losses and expert loads; checkpoints hold every expert."""
+    from tests.trainer.conftest import free_port, make_run, read_metrics, run_training
+    from trainer import testing_hooks
+    from trainer.weight_shards import ShardedWeights
+
+    def train(nproc: int, zero: int, ep: int):
+        run = make_run(tmp_path / f"run-{nproc}", shard_dir, model="tiny-switch", model_overrides=TINY_SWITCH_T5,
+                       train={"max_steps": 6, "micro_batch_size": 4, "global_batch_size": 8},
+                       parallel={"zero_stage": zero, "ep_size": ep}, checkpoint={"interval": 6})
+        os.environ[testing_hooks.SAVE_AT_START] = "1"
+        try:
+            run_training(run, nproc=nproc, port=free_port())
+        finally:
+            del os.environ[testing_hooks.SAVE_AT_START]
+        return dict(ShardedWeights(run / "checkpoints" / "step-0").tensors()), read_metrics(run)
+
+    weights, metrics = train(1, 0, 1)
+    sharded_weights, sharded_metrics = train(2, 2, 2)
+    assert sharded_weights.keys() == weights.keys() and any(".experts.w_fc" in k for k in weights)
+    assert all(torch.equal(sharded_weights[k], weights[k]) for k in weights)
+    for step in range(1, 7):
+        assert sharded_metrics[step]["loss"] == pytest.approx(metrics[step]["loss"], rel=1e-5)
+        assert sharded_metrics[step]["expert_load"] == metrics[step]["expert_load"]
+    assert len(metrics[6]["expert_load"]) == 2 and metrics[6]["loss"] < metrics[1]["loss"]
+
+
+@pytest.mark.slow
+def test_switch_encoder_decoder_resumes_exactly(tmp_path, shard_dir):
+    """8 steps straight == 4 steps, then resumed from the step-4 checkpoint to 8: the same losses, bit for bit."""
+    import yaml
+
+    from tests.trainer.conftest import make_run, read_metrics, train_in_process
+
+    def run(name: str, steps: int):
+        return make_run(tmp_path / name, shard_dir, model="tiny-switch", model_overrides=TINY_SWITCH_T5,
+                        train={"max_steps": steps, "seq_len": 32}, parallel={"zero_stage": 1},
+                        checkpoint={"interval": 4})
+
+    straight, stopped = run("straight", 8), run("stopped", 4)
+    assert train_in_process(straight) == 0 and train_in_process(stopped) == 0
+    cfg = yaml.safe_load((stopped / "config.yaml").read_text())
+    cfg["train"]["max_steps"] = 8
+    (stopped / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert train_in_process(stopped) == 0
+    expected, resumed = read_metrics(straight), read_metrics(stopped)
+    assert [resumed[s]["loss"] for s in range(1, 9)] == [expected[s]["loss"] for s in range(1, 9)]

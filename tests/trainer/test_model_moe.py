@@ -272,7 +272,8 @@ def test_expert_parallel_matches_single_process():
 
 @pytest.mark.parametrize("group_rows", [1, 8, 512])  # one expert per group, two, all of them
 @pytest.mark.parametrize("bias", [True, False])
-def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_expert_mlp_matches_plain_autograd(bias, group_rows, activation, monkeypatch):
     from trainer.model.experts import ExpertMLP
 
     monkeypatch.setattr(ExpertMLP, "GROUP_ROWS", {"cpu": group_rows})
@@ -290,14 +291,15 @@ def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
     # SwitchFFN never reads a padding slot's output with a non-zero weight, so their gradient is 0.
     grad_out = torch.randn(ep, local, capacity, d, dtype=torch.float64) * kept
 
-    out = ExpertMLP.apply(source, index, rows, w_fc, b_fc, w_proj, b_proj)
+    out = ExpertMLP.apply(source, index, rows, w_fc, b_fc, w_proj, b_proj, activation)
     out.backward(grad_out.clone())  # ExpertMLP uses the gradient it is given as scratch
     ours = [None if t is None else t.grad for t in inputs]
     for t in inputs:
         if t is not None:
             t.grad = None
     x = source[index].view(ep, local, capacity, d)
-    h = F.gelu(x @ w_fc + (b_fc if bias else 0), approximate="tanh")
+    pre = x @ w_fc + (b_fc if bias else 0)
+    h = F.relu(pre) if activation == "relu" else F.gelu(pre, approximate="tanh")
     reference = h @ w_proj.transpose(1, 2) + (b_proj if bias else 0)
     reference.backward(grad_out)
     torch.testing.assert_close(out * kept, reference.detach() * kept)

@@ -4,9 +4,9 @@ Reads top to bottom as the layer runs: the router picks one expert per token (in
 token gets a slot `expert * C + position` of an [E, C] layout (tokens past their expert's capacity
 are dropped), the experts (trainer/model/experts.py) compute their kept slots, and each token reads
 its slot back scaled by its router probability. Capacity is per routing group (Mesh TensorFlow):
-the whole micro-batch by default, or each sequence, or every N tokens. Dispatch is O(tokens x d_model): there is no
-[tokens, experts, capacity] one-hot. Written for one device; expert parallelism wraps
-`SwitchFFN.experts` from outside (trainer/expert_parallel.py).
+the whole micro-batch by default, or each sequence, or every N tokens. Dispatch is O(tokens x
+d_model): there is no [tokens, experts, capacity] one-hot. Written for one device; expert
+parallelism wraps `SwitchFFN.experts` from outside (trainer/expert_parallel.py).
 """
 from __future__ import annotations
 
