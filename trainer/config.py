@@ -8,7 +8,7 @@ live on `RunConfig`, and so does the layout for a number of processes (`for_worl
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
@@ -35,20 +35,59 @@ class MoEConfig(Section):
     z_loss_coef: float = Field(1e-3, ge=0.0, description="router z-loss coefficient (ST-MoE)")
     expert_init_scale: PositiveFloat = Field(0.1, description="expert weight init std is scaled by this (Switch: 0.1)")
     expert_d_ff: Optional[PositiveInt] = Field(None, description="expert hidden width; default: model d_ff")
+    routing_group: Union[Literal["batch", "sequence"], PositiveInt] = Field(
+        "batch", description="tokens that share one expert capacity: 'batch' (all of a micro-batch), 'sequence' "
+                             "(each sequence: Hugging Face SwitchTransformers), or N consecutive tokens (Mesh "
+                             "TensorFlow's group_size; N must divide every micro-batch's token count)")
+    expert_capacity: Optional[PositiveInt] = Field(
+        None, description="fixed slots per expert and routing group, in training and eval alike (Hugging Face "
+                          "SwitchTransformers' expert_capacity); default: "
+                          "ceil(capacity_factor * group tokens / experts)")
+    router_bias: bool = Field(False, description="a bias on the router's logits (SwitchTransformers' router_bias)")
 
 
 class ModelConfig(Section):
+    """A GPT decoder (`arch: decoder`) or an encoder-decoder (`arch: encoder_decoder`: Vaswani et al. 2017,
+    T5, Switch as published). For the encoder-decoder, n_layer counts decoder blocks."""
+
     name: str = "gpt"
+    arch: Literal["decoder", "encoder_decoder"] = "decoder"
     n_layer: PositiveInt
+    n_encoder_layer: Optional[PositiveInt] = Field(None, description="encoder blocks (encoder_decoder); "
+                                                                    "default: n_layer")
     n_head: PositiveInt
     d_model: PositiveInt
+    d_kv: Optional[PositiveInt] = Field(None, description="width of one attention head; default d_model // n_head "
+                                                         "(Switch-C: d_model 2080, 32 heads of 64)")
     d_ff: Optional[PositiveInt] = Field(None, description="MLP hidden width; default 4*d_model")
     n_ctx: PositiveInt = Field(2048, description="size of the position table: longest sequence the model accepts")
     vocab_size: PositiveInt = GPT2_VOCAB_SIZE
-    pos_embedding: Literal["learned", "sinusoidal"] = "learned"
+    pos_embedding: Literal["learned", "sinusoidal", "relative"] = Field(
+        "learned", description="'relative': T5's bucketed relative attention bias, one table per stack")
+    sinusoidal_layout: Literal["interleaved", "concatenated"] = Field(
+        "interleaved", description="'interleaved': the paper's sin on even, cos on odd channels; 'concatenated': "
+                                   "all sines then all cosines (tensor2tensor, fairseq, Marian)")
+    relative_buckets: PositiveInt = Field(32, description="relative position buckets (T5: 32)")
+    relative_max_distance: PositiveInt = Field(128, description="distance where the last bucket starts (T5: 128)")
     attention: Literal["dense", "alternating"] = Field(
         "dense", description="'alternating': even layers dense causal, odd layers locally banded causal (GPT-3)")
     local_window: PositiveInt = Field(256, description="band width (tokens) of the locally banded layers")
+    attention_scaling: bool = Field(True, description="divide attention scores by sqrt(d_kv); T5 does not (it "
+                                                      "folds the factor into the query's initialisation)")
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_position: Literal["pre", "post"] = Field("pre", description="'post': Vaswani's norm after each residual add")
+    activation: Literal["gelu", "relu", "gated-gelu"] = Field(
+        "gelu", description="FFN: 'gelu' (tanh approximation, GPT-2), 'relu' (Vaswani, T5 v1.0, Switch), "
+                            "'gated-gelu' (T5 v1.1: gelu(x W0) * (x W1))")
+    tie_embeddings: bool = Field(True, description="the output head is the token embedding")
+    scale_embeddings: bool = Field(False, description="multiply token embeddings by sqrt(d_model) (Vaswani)")
+    scale_decoder_output: bool = Field(False, description="multiply the decoder's output by d_model**-0.5 before "
+                                                          "the tied head (T5 v1.0, Mesh TensorFlow)")
+    decoder_start_token_id: int = Field(0, ge=0, description="the decoder's first input: targets are shifted right "
+                                                             "behind it (T5: 0, the pad token)")
+    init: Literal["gpt2", "t5"] = Field(
+        "gpt2", description="'gpt2': N(0, init_std), residual projections / sqrt(2 n_layer); 't5': Mesh "
+                            "TensorFlow's fan-in scaling, embeddings N(0, 1), queries also / sqrt(d_kv)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
     layer_norm_eps: PositiveFloat = 1e-5
@@ -57,9 +96,40 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        if self.d_model % self.n_head:
+        if self.d_kv is None and self.d_model % self.n_head:
             raise ValueError(f"model.n_head: {self.n_head} heads do not divide model.d_model={self.d_model}")
+        if self.arch == "decoder":
+            if self.pos_embedding == "relative":
+                raise ValueError("model.pos_embedding: 'relative' needs model.arch: encoder_decoder")
+            for key, gpt_value in _DECODER_ONLY_VALUES.items():
+                if getattr(self, key) != gpt_value:
+                    raise ValueError(f"model.{key}: {getattr(self, key)!r} needs model.arch: encoder_decoder "
+                                     f"(the GPT decoder has {gpt_value!r})")
+        else:
+            self._check_encoder_decoder()
+        if self.moe is not None and self.activation == "gated-gelu":
+            raise ValueError("model.activation: gated-gelu experts are not supported (Switch experts use gelu or relu)")
         return self
+
+    def _check_encoder_decoder(self) -> None:
+        if self.pos_embedding == "learned":
+            raise ValueError("model.pos_embedding: 'learned' is not supported with arch encoder_decoder "
+                             "(sinusoidal: Vaswani; relative: T5)")
+        if self.attention != "dense":
+            raise ValueError("model.attention: the encoder-decoder has dense attention only")
+        if self.decoder_start_token_id >= self.vocab_size:
+            raise ValueError(f"model.decoder_start_token_id: {self.decoder_start_token_id} is not below "
+                             f"model.vocab_size={self.vocab_size}")
+        if self.scale_decoder_output and not self.tie_embeddings:
+            raise ValueError("model.scale_decoder_output: needs model.tie_embeddings (it rescales for the tied head)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_kv or self.d_model // self.n_head
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_encoder_layer or self.n_layer
 
     @property
     def ff_width(self) -> int:
@@ -81,6 +151,11 @@ class ModelConfig(Section):
         if dp_size is not None and dp_size % ep_size:
             return f"{ep_size} does not divide the data-parallel size {dp_size}"
         return None
+
+
+# What the GPT decoder builds; an encoder_decoder-only option set to anything else on a decoder is an error.
+_DECODER_ONLY_VALUES = dict(n_encoder_layer=None, attention_scaling=True, norm="layernorm", norm_position="pre",
+                            tie_embeddings=True, scale_embeddings=False, scale_decoder_output=False, init="gpt2")
 
 
 class DataConfig(Section):

@@ -97,7 +97,7 @@ class Engine(DeepSpeedEngine):
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward: memory for compute, no change to the model file."""
-    for block in model.transformer.h:
+    for block in model.blocks():
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
@@ -106,15 +106,15 @@ def build_model(cfg: RunConfig, world: int, accum: int) -> nn.Module:
     No rank allocates more than its share: under ZeRO-3 each parameter is partitioned as it is created
     (deepspeed.zero.Init); otherwise the model is built on the meta device, the experts are sharded
     (expert parallelism), and only then is memory allocated."""
-    from trainer.model.gpt import GPT
+    from trainer.model import model_for
 
     device = get_accelerator().current_device_name()
     if cfg.parallel.zero_stage == 3:
         with PartitionAtCreation(config_dict_or_path=ds_config(cfg, world, accum)), skip_default_init():
-            model = GPT(cfg.model)
+            model = model_for(cfg.model)
     else:
         with torch.device("meta"):
-            model = GPT(cfg.model)
+            model = model_for(cfg.model)
         if cfg.model.moe is not None:
             apply_expert_parallel(model, cfg.parallel.ep_size, expert_parallel_group(cfg.parallel.ep_size))
         materialize(model, device)

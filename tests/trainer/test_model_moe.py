@@ -131,6 +131,52 @@ def test_jitter_only_in_training():
     assert torch.equal(layer.eval().router_logits(x), layer.router_logits(x))
 
 
+def one_expert(layer: SwitchFFN, token: torch.Tensor, e: int) -> torch.Tensor:
+    w = layer.experts
+    return F.gelu(token @ w.w_fc[e] + w.b_fc[e, 0], approximate="tanh") @ w.w_proj[e].T + w.b_proj[e, 0]
+
+
+# Sequence 0 sends all 8 tokens to expert 0; sequence 1 sends two to each expert. Capacity factor 1.0.
+ROUTE = torch.tensor([[0] * 8, [0, 0, 1, 1, 2, 2, 3, 3]])
+KEPT = {  # routing group -> (capacity, kept tokens)
+    "batch": (4, [[1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1]]),  # seq 1's expert-0 tokens come 9th and 10th
+    "sequence": (2, [[1, 1, 0, 0, 0, 0, 0, 0], [1] * 8]),
+    4: (1, [[1, 0, 0, 0, 1, 0, 0, 0], [1, 0, 1, 0, 1, 0, 1, 0]]),  # Mesh TensorFlow groups of 4 tokens
+    ("sequence", 3): (3, [[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8]),  # fixed expert_capacity (HF SwitchTransformers)
+}
+
+
+@pytest.mark.parametrize("group", KEPT, ids=str)
+def test_capacity_is_per_routing_group(group):
+    routing_group, fixed = group if isinstance(group, tuple) else (group, None)
+    layer = make_layer(capacity_factor=1.0, routing_group=routing_group, expert_capacity=fixed).train()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[:, :4] = 5.0 * torch.eye(4)
+    x = F.one_hot(ROUTE, D_MODEL).float() + 0.1 * torch.randn(2, 8, D_MODEL)
+    capacity, kept = KEPT[group]
+    with torch.no_grad():
+        y, stats = layer(x)
+        r = layer.route(x)
+    assert r.capacity == capacity and r.expert.tolist() == ROUTE.flatten().tolist()
+    assert (r.slot < 4 * r.slots_per_expert).view(2, 8).int().tolist() == kept
+    assert stats.dropped_frac.item() == pytest.approx(1 - sum(map(sum, kept)) / 16)
+    for b, t in ((b, t) for b in range(2) for t in range(8)):
+        expected = r.gate[8 * b + t] * one_expert(layer, x[b, t], int(ROUTE[b, t]))
+        torch.testing.assert_close(y[b, t], expected if kept[b][t] else torch.zeros(D_MODEL), atol=1e-6, rtol=1e-5)
+    # Load balancing per group, averaged (Mesh TensorFlow): E * sum_e f_e * P_e of each group.
+    groups = r.group_counts.shape[0]
+    per_group = [4 * (F.one_hot(e, 4).float().mean(0) * p.mean(0)).sum()
+                 for e, p in zip(r.expert.chunk(groups), r.probs.chunk(groups))]
+    assert stats.aux_loss.item() == pytest.approx(torch.stack(per_group).mean().item())
+
+
+def test_routing_groups_must_divide_the_batch():
+    layer = make_layer(routing_group=5)
+    with pytest.raises(ValueError, match="model.moe.routing_group: groups of 5 tokens do not divide the 16"):
+        layer(torch.randn(2, 8, D_MODEL))
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any op produces, forward and backward."""
 
@@ -226,7 +272,8 @@ def test_expert_parallel_matches_single_process():
 
 @pytest.mark.parametrize("group_rows", [1, 8, 512])  # one expert per group, two, all of them
 @pytest.mark.parametrize("bias", [True, False])
-def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_expert_mlp_matches_plain_autograd(bias, group_rows, activation, monkeypatch):
     from trainer.model.experts import ExpertMLP
 
     monkeypatch.setattr(ExpertMLP, "GROUP_ROWS", {"cpu": group_rows})
@@ -244,14 +291,15 @@ def test_expert_mlp_matches_plain_autograd(bias, group_rows, monkeypatch):
     # SwitchFFN never reads a padding slot's output with a non-zero weight, so their gradient is 0.
     grad_out = torch.randn(ep, local, capacity, d, dtype=torch.float64) * kept
 
-    out = ExpertMLP.apply(source, index, rows, w_fc, b_fc, w_proj, b_proj)
+    out = ExpertMLP.apply(source, index, rows, w_fc, b_fc, w_proj, b_proj, activation)
     out.backward(grad_out.clone())  # ExpertMLP uses the gradient it is given as scratch
     ours = [None if t is None else t.grad for t in inputs]
     for t in inputs:
         if t is not None:
             t.grad = None
     x = source[index].view(ep, local, capacity, d)
-    h = F.gelu(x @ w_fc + (b_fc if bias else 0), approximate="tanh")
+    pre = x @ w_fc + (b_fc if bias else 0)
+    h = F.relu(pre) if activation == "relu" else F.gelu(pre, approximate="tanh")
     reference = h @ w_proj.transpose(1, 2) + (b_proj if bias else 0)
     reference.backward(grad_out)
     torch.testing.assert_close(out * kept, reference.detach() * kept)

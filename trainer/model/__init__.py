@@ -1,13 +1,28 @@
-"""The models: GPT-2/3 (dense or GPT-3's alternating banded attention) and Switch top-1 MoE FFNs.
+"""The models: GPT-2/3 (dense or GPT-3's alternating banded attention), the encoder-decoder family
+(Vaswani Transformer, T5, Switch as published) and Switch top-1 MoE FFNs.
 
 Imported lazily so `trainer.model.counting` (pure arithmetic) doesn't pay for importing torch."""
-import importlib
+from __future__ import annotations
 
-_EXPORTS = {"GPT": "gpt", "GPTOutput": "gpt", "MoEStats": "moe", "SwitchFFN": "moe"}
-__all__ = list(_EXPORTS)
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from trainer.config import ModelConfig
+
+_EXPORTS = {"GPT": "gpt", "GPTOutput": "gpt", "EncoderDecoder": "encdec", "MoEStats": "moe", "SwitchFFN": "moe"}
+__all__ = [*_EXPORTS, "model_for"]
 
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'trainer.model' has no attribute {name!r}")
     return getattr(importlib.import_module(f"trainer.model.{_EXPORTS[name]}"), name)
+
+
+def model_for(cfg: ModelConfig) -> nn.Module:
+    """The model `cfg` describes, built on the current default device: GPT, or EncoderDecoder for
+    `arch: encoder_decoder`."""
+    return __getattr__("EncoderDecoder" if cfg.arch == "encoder_decoder" else "GPT")(cfg)

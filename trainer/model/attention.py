@@ -1,13 +1,15 @@
-"""Multi-head causal self-attention, dense or locally banded (GPT-3's alternating pattern).
+"""Multi-head attention: causal (dense or GPT-3's locally banded), bidirectional, or cross-attention
+over an encoder's output, optionally with an additive position bias (T5's relative buckets).
 
-Both kinds go through `F.scaled_dot_product_attention`, so PyTorch picks the fused kernel
-for the device. Dense layers pass `is_causal=True` (no mask tensor at all); banded layers
-pass a boolean band mask that is built once per (length, window, device) and shared by
-every banded layer.
+Every kind goes through `F.scaled_dot_product_attention`, so PyTorch picks the fused kernel
+for the device. Dense causal layers pass `is_causal=True` (no mask tensor at all); banded layers
+pass a boolean band mask that is built once per (length, window, device) and shared by every
+banded layer; a position bias is passed as the float mask, causal masking already folded in.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -29,28 +31,86 @@ def banded_causal_mask(seq_len: int, window: int, device: torch.device) -> torch
     return (offset >= 0) & (offset < window)
 
 
-class CausalSelfAttention(nn.Module):
-    """Causal self-attention; `window` set makes it locally banded (sparse in GPT-3's sense)."""
+class Attention(nn.Module):
+    """Self-attention (causal or bidirectional; `window` makes causal attention locally banded) or, with
+    `fused_qkv=False` and a `memory` passed to forward, cross-attention whose keys and values come from it.
 
-    def __init__(self, cfg: ModelConfig, window: Optional[int] = None):
+    fused_qkv: one projection to queries, keys and values (GPT-2's c_attn); otherwise a query projection
+    (q_attn) and a key-value projection (c_attn), so cross-attention and T5's per-projection init fit.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, causal: bool = True, window: Optional[int] = None,
+                 fused_qkv: bool = True):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.d_model = cfg.d_model
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.inner = cfg.n_head * cfg.head_dim
+        self.causal = causal
         self.window = window
         self.dropout = cfg.dropout
-        # Module names match Hugging Face GPT-2 so the weight mapping is a transpose, not a rename.
-        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.d_model, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        dropout_p = self.dropout if self.training else 0.0
-        if self.window is None or T <= self.window:
-            # A band at least as long as the sequence is plain causal attention: take the fast path.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        self.scale = None if cfg.attention_scaling else 1.0  # None: SDPA's 1/sqrt(head_dim)
+        # Module names match Hugging Face GPT-2 (its cross-attention too) so its mapping is a transpose, not a rename.
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.c_attn = nn.Linear(cfg.d_model, 3 * self.inner, bias=cfg.bias)
         else:
-            mask = banded_causal_mask(T, self.window, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            self.q_attn = nn.Linear(cfg.d_model, self.inner, bias=cfg.bias)
+            self.c_attn = nn.Linear(cfg.d_model, 2 * self.inner, bias=cfg.bias)
+        self.c_proj = nn.Linear(self.inner, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, T, d); memory (B, S, d) for cross-attention; bias (1 or B, n_head, T, S), added to the
+        scores, -inf where a query must not look (the caller folds causal masking in)."""
+        B, T, _ = x.shape
+        if self.fused_qkv:
+            q, k, v = self.c_attn(x).split(self.inner, dim=2)
+        else:
+            q = self.q_attn(x)
+            k, v = self.c_attn(x if memory is None else memory).split(self.inner, dim=2)
+        q, k, v = (t.view(B, t.shape[1], self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        dropout_p = self.dropout if self.training else 0.0
+        mask, is_causal = bias, self.causal and memory is None and bias is None
+        if is_causal and self.window is not None and T > self.window:
+            # A band at least as long as the sequence is plain causal attention: that keeps the fast path.
+            mask, is_causal = banded_causal_mask(T, self.window, x.device), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                           scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.inner))
+
+
+def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """T5's bucket of each key-minus-query offset (Mesh TensorFlow's `_relative_position_bucket`).
+
+    Half the buckets (per direction when bidirectional) are exact offsets, the rest grow
+    logarithmically up to max_distance; farther offsets share the last bucket. A causal stack only
+    ever sees offsets <= 0, so it spends all buckets on the past.
+    """
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative > 0).long() * num_buckets
+        distance = relative.abs()
+    else:
+        distance = (-relative).clamp(min=0)
+    max_exact = num_buckets // 2
+    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """One learned scalar per (bucket, head), shared by every layer of a stack: the (1, n_head, T, S)
+    bias that stack's self-attention adds to its scores (T5)."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
+        self.table = nn.Embedding(cfg.relative_buckets, cfg.n_head)
+
+    def forward(self, q_len: int, k_len: int) -> torch.Tensor:
+        device = self.table.weight.device
+        relative = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]
+        bucket = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.table(bucket).permute(2, 0, 1).unsqueeze(0)

@@ -1,4 +1,4 @@
-"""The experts of a Switch layer: E GELU MLPs run as batched matmuls on their kept tokens only.
+"""The experts of a Switch layer: E GELU or ReLU MLPs run as batched matmuls on their kept tokens only.
 
 `SwitchExperts` holds the stacked expert weights and computes slot layout [R, E, C] from a
 source of token rows; R is 1 on one device. The engine's expert parallelism (trainer/expert_parallel.py)
@@ -62,6 +62,18 @@ def _gelu_backward_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return act
 
 
+def _activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    return F.relu(x) if name == "relu" else _gelu(x)
+
+
+def _activation_backward_(grad: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """grad *= act'(x), in place; returns act(x), which the backward needs for w_proj's gradient."""
+    if name == "relu":
+        grad.masked_fill_(x <= 0, 0.0)
+        return F.relu(x)
+    return _gelu_backward_(grad, x)
+
+
 def _bmm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
     if first:
         torch.bmm(a, b, out=dst)
@@ -77,20 +89,21 @@ def _sum_into(dst: torch.Tensor, rows: torch.Tensor, first: bool) -> None:
 
 
 class ExpertMLP(torch.autograd.Function):
-    """gelu(x @ w_fc + b_fc) @ w_proj^T + b_proj for each expert, on its kept tokens only.
+    """act(x @ w_fc + b_fc) @ w_proj^T + b_proj for each expert, on its kept tokens only (act: gelu or relu).
 
     Slot s of the layout [R, E, C] reads row index[s] of `source` [m, d]; block [r, j] holds source
     r's tokens for expert j in its first rows[r][j] slots, the rest is capacity padding (output 0,
     gradient 0). Experts run in groups of consecutive experts, one bmm per group up to its largest
     kept count, so padding costs no FLOPs while small experts still share a batched matmul.
 
-    A Function for memory's sake: it saves only each group's gathered input and pre-activation (GELU
-    is recomputed), and its backward uses grad_out's rows as scratch.
+    A Function for memory's sake: it saves only each group's gathered input and pre-activation (the
+    activation is recomputed), and its backward uses grad_out's rows as scratch.
     """
 
     @staticmethod
-    def forward(ctx, source, index, rows, w_fc, b_fc, w_proj, b_proj):
+    def forward(ctx, source, index, rows, w_fc, b_fc, w_proj, b_proj, activation="gelu"):
         ep, local, d_out = len(rows), w_fc.shape[0], w_proj.shape[1]
+        ctx.activation = activation
         index = index.view(ep, local, -1)
         ctx.source_shape = source.shape
         ctx.groups = ExpertMLP.groups(rows, capacity=index.shape[2], device=source.device.type)
@@ -100,7 +113,8 @@ class ExpertMLP(torch.autograd.Function):
             for r, experts, k in ctx.groups:
                 rows_in = source.index_select(0, index[r, experts, :k].flatten()).view(-1, k, source.shape[1])
                 pre = _affine(rows_in, w_fc[experts], _rows(b_fc, experts))
-                out[r, experts, :k] = _affine(_gelu(pre), w_proj[experts].transpose(1, 2), _rows(b_proj, experts))
+                out[r, experts, :k] = _affine(_activation(pre, activation), w_proj[experts].transpose(1, 2),
+                                              _rows(b_proj, experts))
                 activations += [rows_in, pre]
         # Through save_for_backward, so activation checkpointing can drop them and recompute.
         ctx.save_for_backward(index, w_fc, b_fc, w_proj, b_proj, *activations)
@@ -122,9 +136,9 @@ class ExpertMLP(torch.autograd.Function):
                 g = grad_out[r, experts, :k]
                 first = not written[experts].any()
                 written[experts] = True
-                # GELU's backward right after the bmm that writes grad_pre, while it is still in cache.
+                # The activation's backward right after the bmm that writes grad_pre, while it is still in cache.
                 grad_pre = torch.bmm(g, w_proj[experts])
-                act = _gelu_backward_(grad_pre, pre)
+                act = _activation_backward_(grad_pre, pre, ctx.activation)
                 _bmm_into(grads["w_proj"][experts], g.transpose(1, 2), act, first)
                 del act
                 if grads["b_proj"] is not None:
@@ -138,7 +152,7 @@ class ExpertMLP(torch.autograd.Function):
                 for grad in grads.values():
                     if grad is not None:
                         grad[j].zero_()
-        return grad_source, None, None, grads["w_fc"], grads["b_fc"], grads["w_proj"], grads["b_proj"]
+        return grad_source, None, None, grads["w_fc"], grads["b_fc"], grads["w_proj"], grads["b_proj"], None
 
     @staticmethod
     def groups(rows: list[list[int]], capacity: int, device: str = "cpu") -> list[tuple[int, slice, int]]:
@@ -158,11 +172,12 @@ class ExpertMLP(torch.autograd.Function):
 
 
 class SwitchExperts(nn.Module):
-    """`num_experts` GELU MLPs with weights stacked [E, d_model, d_ff] (w_proj as nn.Linear's [out, in]),
-    the layout whose batched matmuls run fastest on CPU. forward(source, index, rows) -> [R, E, C, d]."""
+    """`num_experts` GELU (or ReLU) MLPs with weights stacked [E, d_model, d_ff] (w_proj as nn.Linear's
+    [out, in]), the layout whose batched matmuls run fastest on CPU. forward(source, index, rows) -> [R, E, C, d]."""
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, bias: bool = True):
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, bias: bool = True, activation: str = "gelu"):
         super().__init__()
+        self.activation = activation
         self.w_fc = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.b_fc = nn.Parameter(torch.empty(num_experts, 1, d_ff)) if bias else None
@@ -175,7 +190,7 @@ class SwitchExperts(nn.Module):
     def forward(self, source: torch.Tensor, index: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
         """Slot [r, e, c] computes row index[r, e, c] of source [m, d]; rows[r][e] leading slots are kept."""
         source, *params = in_compute_dtype(self.w_fc, self.b_fc, self.w_proj, self.b_proj, like=source)
-        return ExpertMLP.apply(source, index, rows, *params)
+        return ExpertMLP.apply(source, index, rows, *params, self.activation)
 
 
 def in_compute_dtype(*params: Optional[torch.Tensor], like: torch.Tensor) -> list[Optional[torch.Tensor]]:

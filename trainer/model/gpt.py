@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.model.attention import CausalSelfAttention
+from trainer.model.attention import Attention
 from trainer.model.moe import MoEStats, SwitchFFN, draw_
 
 
@@ -31,25 +31,41 @@ class GPTOutput:
     moe: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in layer order
 
 
-def sinusoidal_positions(n_ctx: int, d_model: int) -> torch.Tensor:
-    """(n_ctx, d_model) table of Vaswani et al. 2017: sin on even, cos on odd channels."""
-    position = torch.arange(n_ctx, dtype=torch.float32).unsqueeze(1)
-    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(n_ctx, d_model)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
-    return table
+def sinusoidal_positions(n_ctx: int, d_model: int, layout: str = "interleaved") -> torch.Tensor:
+    """(n_ctx, d_model) table of Vaswani et al. 2017: sin(pos / 10000^(2i/d)) and cos of the same angle,
+    interleaved (the paper's channels 2i, 2i+1) or concatenated (all sines, then all cosines: tensor2tensor,
+    Marian). Computed in float64 so long positions keep float32 precision."""
+    position = torch.arange(n_ctx, dtype=torch.float64).unsqueeze(1)
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+    angle = position * inv_freq
+    sin, cos = torch.sin(angle), torch.cos(angle[:, : d_model // 2])
+    if layout == "concatenated":
+        return torch.cat([sin, cos], dim=1).float()
+    table = torch.zeros(n_ctx, d_model, dtype=torch.float64)
+    table[:, 0::2], table[:, 1::2] = sin, cos
+    return table.float()
 
 
 class MLP(nn.Module):
+    """GELU (GPT-2), ReLU (Vaswani, T5 v1.0) or gated GELU (T5 v1.1: c_fc holds the gate's and the linear
+    half's weights, in that order)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, cfg.ff_width, bias=cfg.bias)
+        self.activation = cfg.activation
+        fc_width = 2 * cfg.ff_width if cfg.activation == "gated-gelu" else cfg.ff_width
+        self.c_fc = nn.Linear(cfg.d_model, fc_width, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.ff_width, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.activation == "relu":
+            return self.c_proj(F.relu(h))
+        if self.activation == "gated-gelu":
+            gate, linear = h.chunk(2, dim=-1)
+            return self.c_proj(F.gelu(gate, approximate="tanh") * linear)
         # tanh GELU is GPT-2's "gelu_new": keeps Hugging Face GPT-2 checkpoints bit-compatible.
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(F.gelu(h, approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -57,12 +73,13 @@ class Block(nn.Module):
         super().__init__()
         banded = cfg.attention == "alternating" and layer % 2 == 1
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg, window=cfg.local_window if banded else None)
+        self.attn = Attention(cfg, window=cfg.local_window if banded else None)
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
             self.mlp = SwitchFFN(cfg.d_model, cfg.expert_ff_width, cfg.moe, layer=layer, bias=cfg.bias,
-                                 init_std=cfg.init_std, out_init_std=residual_init_std(cfg))
+                                 activation=cfg.activation, init_std=cfg.init_std,
+                                 out_init_std=residual_init_std(cfg))
         else:
             self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -103,7 +120,8 @@ class GPT(nn.Module):
     def init_buffers(self) -> None:
         """Tables rebuilt from the config (never saved); again after construction on the meta device."""
         if self.cfg.pos_embedding == "sinusoidal":
-            self.pos_table = sinusoidal_positions(self.cfg.n_ctx, self.cfg.d_model).to(self.pos_table.device)
+            table = sinusoidal_positions(self.cfg.n_ctx, self.cfg.d_model, self.cfg.sinusoidal_layout)
+            self.pos_table = table.to(self.pos_table.device)
 
     def init_rule(self, name: str) -> tuple[float, float]:
         """(mean, std) parameter `name` starts from, GPT-2's scheme: N(0, init_std) for embeddings and
@@ -125,6 +143,10 @@ class GPT(nn.Module):
         layout-invariantly instead (trainer/initialize.py)."""
         for name, p in self.named_parameters():
             draw_(p, *self.init_rule(name))
+
+    def blocks(self) -> list[nn.Module]:
+        """The residual blocks, in order: what activation checkpointing wraps."""
+        return list(self.transformer.h)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (the tied head counts once); non_embedding leaves out token and position tables."""
@@ -150,14 +172,20 @@ class GPT(nn.Module):
             if stats is not None:
                 moe_stats.append(stats)
         logits = self.lm_head(self.transformer.ln_f(x))
-        zero = logits.new_zeros((), dtype=torch.float32)
-        aux_loss = torch.stack([s.aux_loss for s in moe_stats]).mean() if moe_stats else zero
-        z_loss = torch.stack([s.z_loss for s in moe_stats]).mean() if moe_stats else zero
-        loss = ce_loss = None
-        if targets is not None:
-            # Cross-entropy in float32 even under bf16 autocast; -1 marks positions without a target.
-            ce_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
-            loss = ce_loss
-            if moe_stats:
-                loss = ce_loss + self.cfg.moe.aux_loss_coef * aux_loss + self.cfg.moe.z_loss_coef * z_loss
-        return GPTOutput(logits=logits, loss=loss, ce_loss=ce_loss, aux_loss=aux_loss, z_loss=z_loss, moe=moe_stats)
+        return lm_output(self.cfg, logits, targets, moe_stats)
+
+
+def lm_output(cfg: ModelConfig, logits: torch.Tensor, targets: Optional[torch.Tensor],
+              moe_stats: list[MoEStats]) -> GPTOutput:
+    """Logits, and with targets the loss: cross-entropy plus the MoE layers' mean aux and z losses, scaled."""
+    zero = logits.new_zeros((), dtype=torch.float32)
+    aux_loss = torch.stack([s.aux_loss for s in moe_stats]).mean() if moe_stats else zero
+    z_loss = torch.stack([s.z_loss for s in moe_stats]).mean() if moe_stats else zero
+    loss = ce_loss = None
+    if targets is not None:
+        # Cross-entropy in float32 even under bf16 autocast; -1 marks positions without a target.
+        ce_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        loss = ce_loss
+        if moe_stats:
+            loss = ce_loss + cfg.moe.aux_loss_coef * aux_loss + cfg.moe.z_loss_coef * z_loss
+    return GPTOutput(logits=logits, loss=loss, ce_loss=ce_loss, aux_loss=aux_loss, z_loss=z_loss, moe=moe_stats)

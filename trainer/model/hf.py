@@ -17,6 +17,12 @@ _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight
 
 def check_hf_compatible(cfg: ModelConfig) -> None:
     problems = []
+    if cfg.arch != "decoder":
+        problems.append("model.arch is 'encoder_decoder' (see trainer/model/hf_encdec.py)")
+    if cfg.activation != "gelu":
+        problems.append(f"model.activation is '{cfg.activation}' (GPT-2's MLP uses the tanh GELU)")
+    if cfg.head_dim * cfg.n_head != cfg.d_model:
+        problems.append(f"model.d_kv is {cfg.d_kv} (GPT-2's heads are d_model / n_head wide)")
     if cfg.moe is not None:
         problems.append("model.moe is set (MoE layers have no GPT-2 counterpart)")
     if cfg.attention != "dense":
