@@ -257,6 +257,9 @@ class RunConfig(Section):
         m, t, p = self.model, self.train, self.parallel
         if t.seq_len > m.n_ctx:
             raise ValueError(f"train.seq_len: {t.seq_len} is longer than the position table model.n_ctx={m.n_ctx}")
+        if (t.objective == "span_corruption") != (m.arch == "encoder_decoder"):
+            raise ValueError(f"train.objective: {t.objective} does not train a model.arch {m.arch} (a decoder trains "
+                             "with causal_lm, an encoder_decoder with span_corruption)")
         if t.objective == "span_corruption" and m.vocab_size < SPAN_CORRUPTION_VOCAB_SIZE:
             raise ValueError(f"model.vocab_size: {m.vocab_size} has no room for span corruption's PAD and "
                              f"sentinels (ids {PAD}..{SPAN_CORRUPTION_VOCAB_SIZE - 1}, trainer.special_tokens): "

@@ -20,6 +20,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.utils import clip_grad_norm_
+from deepspeed.runtime.zero.partition_parameters import get_all_subclasses
 from torch import nn
 
 from trainer.config import RunConfig
@@ -112,6 +113,7 @@ def build_model(cfg: RunConfig, world: int, accum: int) -> nn.Module:
     if cfg.parallel.zero_stage == 3:
         with PartitionAtCreation(config_dict_or_path=ds_config(cfg, world, accum)), skip_default_init():
             model = model_for(cfg.model)
+        undo_skip_init_hooks()
     else:
         with torch.device("meta"):
             model = model_for(cfg.model)
@@ -131,6 +133,19 @@ class PartitionAtCreation(deepspeed.zero.Init):
     def _zero_init_param(self, param):
         self._convert_to_deepspeed_param(param)
         param.partition()
+
+
+def undo_skip_init_hooks() -> None:
+    """zero.Init wraps every Module class's `_apply` when a module is created on the meta device (the tied
+    token embedding is) and unwraps them only when that module's `to_empty` runs, which ours never does:
+    the wrappers would then partition any model built later in this process."""
+    for cls in [nn.Module, *get_all_subclasses(nn.Module)]:
+        if "_old_apply_of_skip_init_hook" in cls.__dict__:
+            apply = cls.__dict__["_apply"]
+            while hasattr(apply, "__wrapped__"):
+                apply = apply.__wrapped__
+            cls._apply = apply
+            del cls._old_apply_of_skip_init_hook
 
 
 @contextlib.contextmanager

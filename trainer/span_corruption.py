@@ -120,9 +120,11 @@ class SpanCorruption:
         return row
 
     def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(encoder inputs, targets): the model shifts the targets right behind PAD itself."""
-        return batch[:, :self.inputs_length].contiguous(), batch[:, self.inputs_length:].contiguous()
+        """(encoder inputs, targets): the model shifts the targets right behind PAD itself. A PAD target
+        becomes -1, which the loss skips (and the decoder reads as PAD)."""
+        targets = batch[:, self.inputs_length:]
+        return batch[:, :self.inputs_length].contiguous(), targets.masked_fill(targets == PAD, -1)
 
     def predicted(self, targets: torch.Tensor) -> int:
-        """Target positions the loss counts (a PAD is not a prediction)."""
-        return int((targets != PAD).sum())
+        """Target positions the loss counts."""
+        return int((targets != -1).sum())

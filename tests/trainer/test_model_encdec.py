@@ -130,9 +130,11 @@ def one_process_world():
 
 
 def run_config(model: dict, zero: int) -> RunConfig:
+    model = dict(model, vocab_size=50358, decoder_start_token_id=50257)  # room for span corruption's ids
     cfg = RunConfig(model=model, data={"path": "unused"}, parallel={"zero_stage": zero},
                     train={"seq_len": 16, "micro_batch_size": 2, "global_batch_size": 2, "precision": "fp32",
-                           "lr": 3e-3, "warmup_tokens": 0, "activation_checkpointing": True})
+                           "lr": 3e-3, "warmup_tokens": 0, "activation_checkpointing": True,
+                           "objective": "span_corruption"})
     return cfg.for_world(1)
 
 
@@ -165,15 +167,15 @@ def build_and_train(model: dict, zero: int) -> None:
 def test_engine_builds_and_trains_it(one_process_world):
     """The engine's factory picks EncoderDecoder; its weights equal a ZeRO-0 build's (layout-invariant init,
     meta or partitioned construction); six steps with activation checkpointing on one batch bring the loss
-    down. ZeRO-3 last: deepspeed.zero.Init leaves patches behind that later builds in this process would meet."""
-    build_and_train(SWITCH, zero=1)  # experts marked and built on the meta device (ZeRO-3 refuses MoE)
+    down. ZeRO-3 first: a later build in this process must not meet zero.Init's leftover hooks."""
     build_and_train(T5, zero=3)  # partitioned as created
+    build_and_train(SWITCH, zero=1)  # experts marked and built on the meta device (ZeRO-3 refuses MoE)
 
 
 # tiny-switch.yaml turned into a Switch encoder-decoder: T5's options, Switch layers in block 1 of each stack.
 TINY_SWITCH_T5 = dict(arch="encoder_decoder", pos_embedding="relative", norm="rmsnorm", bias=False,
                       attention_scaling=False, activation="relu", scale_decoder_output=True, init="t5",
-                      layer_norm_eps=1e-6, decoder_start_token_id=0,
+                      layer_norm_eps=1e-6, vocab_size=50358, decoder_start_token_id=50257,
                       moe=dict(num_experts=4, routing_group="sequence", jitter=0.01))
 
 
@@ -188,7 +190,8 @@ def test_switch_encoder_decoder_trains_the_same_with_expert_parallelism(tmp_path
 
     def train(nproc: int, zero: int, ep: int):
         run = make_run(tmp_path / f"run-{nproc}", shard_dir, model="tiny-switch", model_overrides=TINY_SWITCH_T5,
-                       train={"max_steps": 6, "micro_batch_size": 4, "global_batch_size": 8},
+                       train={"max_steps": 6, "micro_batch_size": 4, "global_batch_size": 8,
+                              "objective": "span_corruption"},
                        parallel={"zero_stage": zero, "ep_size": ep}, checkpoint={"interval": 6})
         os.environ[testing_hooks.SAVE_AT_START] = "1"
         try:
@@ -216,7 +219,8 @@ def test_switch_encoder_decoder_resumes_exactly(tmp_path, shard_dir):
 
     def run(name: str, steps: int):
         return make_run(tmp_path / name, shard_dir, model="tiny-switch", model_overrides=TINY_SWITCH_T5,
-                        train={"max_steps": steps, "seq_len": 32}, parallel={"zero_stage": 1},
+                        train={"max_steps": steps, "seq_len": 32, "objective": "span_corruption"},
+                        parallel={"zero_stage": 1},
                         checkpoint={"interval": 4})
 
     straight, stopped = run("straight", 8), run("stopped", 4)

@@ -126,6 +126,10 @@ def test_same_seed_same_bytes_and_another_seed_other_masks(shard_dir):
 def test_config_checks_name_the_key(tmp_path):
     run = {"model": {"n_layer": 1, "n_head": 1, "d_model": 8, "n_ctx": 512}, "data": {"path": str(tmp_path)},
            "train": {"objective": "span_corruption", "seq_len": 512}}
+    with pytest.raises(ConfigError, match=r"run.yaml: train.objective: span_corruption does not train a model.arch "
+                                          r"decoder \(a decoder trains with causal_lm"):
+        validate(RunConfig, run, "run.yaml")
+    run["model"].update(arch="encoder_decoder", pos_embedding="relative")
     with pytest.raises(ConfigError, match=r"run.yaml: model.vocab_size: 50257 has no room .* at least 50358"):
         validate(RunConfig, run, "run.yaml")
     run["model"]["vocab_size"] = SPAN_CORRUPTION_VOCAB_SIZE
@@ -168,7 +172,7 @@ class UniformModel(torch.nn.Module):
 
     def forward(self, inputs, targets):
         logits = torch.zeros(*targets.shape, SPAN_CORRUPTION_VOCAB_SIZE)
-        return SimpleNamespace(ce_loss=F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD))
+        return SimpleNamespace(ce_loss=F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))  # as lm_output: split() marks PAD targets -1
 
 
 @pytest.mark.parametrize("inputs_length,density,predicted", [(512, 0.15, 114), (11, 0.5, 10)])
