@@ -70,7 +70,7 @@ def scale_model(cfg: ModelConfig, target: Target) -> ModelConfig:
 
 def _base_run(model: ModelConfig) -> dict[str, Any]:
     """For a bare model YAML: the shipped tiny CPU recipe of the same kind (data path, logging...)."""
-    name = "tiny-switch-cpu.yaml" if model.moe else "tiny-gpt-cpu.yaml"
+    name = ("tiny-bert" if model.arch == "encoder" else "tiny-switch" if model.moe else "tiny-gpt") + "-cpu.yaml"
     return read_yaml(CONFIGS_DIR / "train" / name)
 
 

@@ -12,9 +12,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
-from trainer import span_corruption
+from trainer import masked_lm, span_corruption
 from trainer.errors import TrainError
-from trainer.special_tokens import PAD, SPAN_CORRUPTION_VOCAB_SIZE
+from trainer.special_tokens import BERT_VOCAB_SIZE, CLS, PAD, SPAN_CORRUPTION_VOCAB_SIZE
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
 
@@ -47,11 +47,11 @@ class MoEConfig(Section):
 
 
 class ModelConfig(Section):
-    """A GPT decoder (`arch: decoder`) or an encoder-decoder (`arch: encoder_decoder`: Vaswani et al. 2017,
-    T5, Switch as published). For the encoder-decoder, n_layer counts decoder blocks."""
+    """A GPT decoder (`arch: decoder`), an encoder-decoder (`arch: encoder_decoder`: Vaswani et al. 2017,
+    T5, Switch as published) or BERT (`arch: encoder`). For the encoder-decoder, n_layer counts decoder blocks."""
 
     name: str = "gpt"
-    arch: Literal["decoder", "encoder_decoder"] = "decoder"
+    arch: Literal["decoder", "encoder_decoder", "encoder"] = "decoder"
     n_layer: PositiveInt
     n_encoder_layer: Optional[PositiveInt] = Field(None, description="encoder blocks (encoder_decoder); "
                                                                     "default: n_layer")
@@ -62,6 +62,7 @@ class ModelConfig(Section):
     d_ff: Optional[PositiveInt] = Field(None, description="MLP hidden width; default 4*d_model")
     n_ctx: PositiveInt = Field(2048, description="size of the position table: longest sequence the model accepts")
     vocab_size: PositiveInt = GPT2_VOCAB_SIZE
+    type_vocab_size: PositiveInt = Field(2, description="token type (segment) embeddings of arch encoder (BERT: 2)")
     pos_embedding: Literal["learned", "sinusoidal", "relative"] = Field(
         "learned", description="'relative': T5's bucketed relative attention bias, one table per stack")
     sinusoidal_layout: Literal["interleaved", "concatenated"] = Field(
@@ -76,18 +77,19 @@ class ModelConfig(Section):
                                                       "folds the factor into the query's initialisation)")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_position: Literal["pre", "post"] = Field("pre", description="'post': Vaswani's norm after each residual add")
-    activation: Literal["gelu", "relu", "gated-gelu"] = Field(
-        "gelu", description="FFN: 'gelu' (tanh approximation, GPT-2), 'relu' (Vaswani, T5 v1.0, Switch), "
-                            "'gated-gelu' (T5 v1.1: gelu(x W0) * (x W1))")
+    activation: Literal["gelu", "gelu-exact", "relu", "gated-gelu"] = Field(
+        "gelu", description="FFN: 'gelu' (tanh approximation, GPT-2), 'gelu-exact' (erf, BERT; Hugging Face's "
+                            "'gelu'), 'relu' (Vaswani, T5 v1.0, Switch), 'gated-gelu' (T5 v1.1: gelu(x W0) * (x W1))")
     tie_embeddings: bool = Field(True, description="the output head is the token embedding")
     scale_embeddings: bool = Field(False, description="multiply token embeddings by sqrt(d_model) (Vaswani)")
     scale_decoder_output: bool = Field(False, description="multiply the decoder's output by d_model**-0.5 before "
                                                           "the tied head (T5 v1.0, Mesh TensorFlow)")
     decoder_start_token_id: int = Field(0, ge=0, description="the decoder's first input: targets are shifted right "
                                                              "behind it (T5: 0, the pad token)")
-    init: Literal["gpt2", "t5"] = Field(
+    init: Literal["gpt2", "t5", "bert"] = Field(
         "gpt2", description="'gpt2': N(0, init_std), residual projections / sqrt(2 n_layer); 't5': Mesh "
-                            "TensorFlow's fan-in scaling, embeddings N(0, 1), queries also / sqrt(d_kv)")
+                            "TensorFlow's fan-in scaling, embeddings N(0, 1), queries also / sqrt(d_kv); "
+                            "'bert' (arch encoder): N(0, init_std) for every matrix and table")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
     layer_norm_eps: PositiveFloat = 1e-5
@@ -98,6 +100,10 @@ class ModelConfig(Section):
     def _check(self) -> "ModelConfig":
         if self.d_kv is None and self.d_model % self.n_head:
             raise ValueError(f"model.n_head: {self.n_head} heads do not divide model.d_model={self.d_model}")
+        if self.arch == "encoder":
+            self._check_encoder()
+        else:
+            self._refuse_encoder_options()
         if self.arch == "decoder":
             if self.pos_embedding == "relative":
                 raise ValueError("model.pos_embedding: 'relative' needs model.arch: encoder_decoder")
@@ -105,11 +111,24 @@ class ModelConfig(Section):
                 if getattr(self, key) != gpt_value:
                     raise ValueError(f"model.{key}: {getattr(self, key)!r} needs model.arch: encoder_decoder "
                                      f"(the GPT decoder has {gpt_value!r})")
-        else:
+        elif self.arch == "encoder_decoder":
             self._check_encoder_decoder()
         if self.moe is not None and self.activation == "gated-gelu":
             raise ValueError("model.activation: gated-gelu experts are not supported (Switch experts use gelu or relu)")
         return self
+
+    def _refuse_encoder_options(self) -> None:
+        for key, used in (("type_vocab_size", self.type_vocab_size != 2),
+                          ("activation", self.activation == "gelu-exact"), ("init", self.init == "bert")):
+            if used:
+                raise ValueError(f"model.{key}: {getattr(self, key)!r} needs model.arch: encoder")
+
+    def _check_encoder(self) -> None:
+        """What BERT's model file builds: learned positions, dense post-norm blocks, a tied GELU MLM head."""
+        for key, allowed in _ENCODER_OPTIONS.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}: {getattr(self, key)!r} is not supported with model.arch: encoder "
+                                 f"(BERT: {' or '.join(map(repr, allowed))})")
 
     def _check_encoder_decoder(self) -> None:
         if self.pos_embedding == "learned":
@@ -156,6 +175,13 @@ class ModelConfig(Section):
 # What the GPT decoder builds; an encoder_decoder-only option set to anything else on a decoder is an error.
 _DECODER_ONLY_VALUES = dict(n_encoder_layer=None, attention_scaling=True, norm="layernorm", norm_position="pre",
                             tie_embeddings=True, scale_embeddings=False, scale_decoder_output=False, init="gpt2")
+# What BERT (arch encoder) can build; anything else is an error naming the key.
+_ENCODER_OPTIONS = dict(n_encoder_layer=(None,), pos_embedding=("learned",), attention=("dense",),
+                        norm_position=("post",), tie_embeddings=(True,), scale_embeddings=(False,),
+                        scale_decoder_output=(False,), decoder_start_token_id=(0,), moe=(None,),
+                        activation=("gelu-exact", "gelu"), init=("bert", "gpt2"))
+# The objective each architecture trains with.
+OBJECTIVE_OF = {"decoder": "causal_lm", "encoder_decoder": "span_corruption", "encoder": "mlm_nsp"}
 
 
 class DataConfig(Section):
@@ -176,10 +202,13 @@ class SpanCorruptionConfig(Section):
 
 
 class TrainConfig(Section):
-    objective: Literal["causal_lm", "span_corruption"] = "causal_lm"
+    objective: Literal["causal_lm", "span_corruption", "mlm_nsp"] = Field(
+        "causal_lm", description="causal_lm (arch decoder), span_corruption (encoder_decoder), mlm_nsp (encoder: "
+                                 "BERT's masked LM and next-sentence prediction, trainer.masked_lm)")
     span_corruption: SpanCorruptionConfig = SpanCorruptionConfig()
     seq_len: PositiveInt = Field(2048, description="causal_lm: tokens per sequence; span_corruption: encoder "
-                                                   "input length (T5: 512)")
+                                                   "input length (T5: 512); mlm_nsp: positions per sequence, "
+                                                   "[CLS] A [SEP] B [SEP] and padding (BERT: 128, then 512)")
     max_steps: PositiveInt = 100
     seed: int = Field(1234, ge=0, description="numpy seeds the shard order and span masks with it: non-negative")
     micro_batch_size: PositiveInt = 1
@@ -206,14 +235,20 @@ class TrainConfig(Section):
         if self.objective == "span_corruption" and (
                 problem := span_corruption.settings_problem(self.seq_len, s.noise_density, s.mean_noise_span_length)):
             raise ValueError(f"train.span_corruption: {problem}")
+        if self.objective == "mlm_nsp" and self.seq_len < masked_lm.MIN_SEQ_LEN:
+            raise ValueError(f"train.seq_len: {self.seq_len} has no room for [CLS] A [SEP] B [SEP] "
+                             f"(mlm_nsp needs at least {masked_lm.MIN_SEQ_LEN})")
         return self
 
     @property
     def tokens_per_sequence(self) -> int:
         """Tokens a sequence counts for in `tokens`, the schedules and the mixture shares: causal_lm, the
-        seq_len it predicts; span_corruption, the raw tokens an example takes from the shards (568 for 512)."""
+        seq_len it predicts; span_corruption, the raw tokens an example takes from the shards (568 for 512);
+        mlm_nsp, the raw tokens an example takes (seq_len - 3: the positions but [CLS] and two [SEP])."""
         if self.objective == "causal_lm":
             return self.seq_len
+        if self.objective == "mlm_nsp":
+            return masked_lm.raw_tokens(self.seq_len)
         s = self.span_corruption
         return span_corruption.random_spans_lengths(self.seq_len, s.noise_density, s.mean_noise_span_length)[0]
 
@@ -257,13 +292,17 @@ class RunConfig(Section):
         m, t, p = self.model, self.train, self.parallel
         if t.seq_len > m.n_ctx:
             raise ValueError(f"train.seq_len: {t.seq_len} is longer than the position table model.n_ctx={m.n_ctx}")
-        if (t.objective == "span_corruption") != (m.arch == "encoder_decoder"):
+        if t.objective != OBJECTIVE_OF[m.arch]:
             raise ValueError(f"train.objective: {t.objective} does not train a model.arch {m.arch} (a decoder trains "
-                             "with causal_lm, an encoder_decoder with span_corruption)")
+                             "with causal_lm, an encoder_decoder with span_corruption, an encoder with mlm_nsp)")
         if t.objective == "span_corruption" and m.vocab_size < SPAN_CORRUPTION_VOCAB_SIZE:
             raise ValueError(f"model.vocab_size: {m.vocab_size} has no room for span corruption's PAD and "
                              f"sentinels (ids {PAD}..{SPAN_CORRUPTION_VOCAB_SIZE - 1}, trainer.special_tokens): "
                              f"it needs at least {SPAN_CORRUPTION_VOCAB_SIZE}")
+        if t.objective == "mlm_nsp" and m.vocab_size < BERT_VOCAB_SIZE:
+            raise ValueError(f"model.vocab_size: {m.vocab_size} has no room for BERT's [CLS], [SEP] and [MASK] "
+                             f"(ids {CLS}..{BERT_VOCAB_SIZE - 1}, trainer.special_tokens): it needs at least "
+                             f"{BERT_VOCAB_SIZE}")
         if problem := m.expert_parallel_error(p.ep_size):
             raise ValueError(f"parallel.ep_size: {problem}")
         if m.moe is None and p.ep_size != 1:

@@ -1,7 +1,8 @@
 """Streaming training data from webdataset shards (DESIGN.md shard format).
 
 Each source is one token stream (doc, EOT, doc, EOT, ...); windows of the objective's length
-(`seq_len + 1` for the causal LM, T5's raw length for span corruption) are cut from the sources so
+(`seq_len + 1` for the causal LM, T5's raw length for span corruption, `seq_len - 3` for BERT, which also
+reads ahead into the next document for NSP's random B) are cut from the sources so
 that each source's share of tokens is its mixture weight; the windows form one global order that
 every layout of ranks, loader workers and micro-batches splits the same way, and the objective turns
 window i of that order into example i. The whole position (per-source cursors and mixing credit) is
@@ -26,6 +27,7 @@ import shard_format
 from shard_format import MANIFEST_NAME, Manifest, ManifestError, ShardRecord, TokenizerRecord, sha256_file
 from trainer.config import TrainConfig
 from trainer.errors import TrainError
+from trainer.masked_lm import MaskedLM
 from trainer.span_corruption import SpanCorruption
 from trainer.special_tokens import PAD
 
@@ -133,6 +135,7 @@ class SourceStream:
         self._verified: dict[str, bool] = {}
         self._docs: Optional[Iterator[tuple[int, int, np.ndarray]]] = None
         self._doc: Optional[np.ndarray] = None
+        self._ahead: Optional[tuple[int, int, int, np.ndarray]] = None  # the next document, once read ahead
 
     def _order(self, epoch: int) -> list[ShardRecord]:
         rng = np.random.default_rng([self.seed, zlib.crc32(self.source.encode()), epoch])
@@ -162,14 +165,18 @@ class SourceStream:
             empty_epochs = 0 if found else empty_epochs + 1
         raise TrainError(f"source {self.source!r} has no usable documents (all shards skipped, or all held out)")
 
-    def take(self, n: int) -> Optional[np.ndarray]:
-        """The next n tokens; None when a held-out pass has fewer left."""
+    def _next_document(self) -> Optional[tuple[int, int, int, np.ndarray]]:
         if self._docs is None:
             self._docs = self._documents()
+        item, self._ahead = self._ahead, None
+        return item if item is not None else next(self._docs, None)
+
+    def take(self, n: int) -> Optional[np.ndarray]:
+        """The next n tokens; None when a held-out pass has fewer left."""
         parts = []
         while n:
             if self._doc is None:
-                item = next(self._docs, None)
+                item = self._next_document()
                 if item is None:
                     return None
                 epoch, shard, ordinal, self._doc = item
@@ -185,8 +192,21 @@ class SourceStream:
                 self.pos = {**self.pos, "doc": self.pos["doc"] + 1, "offset": 0}
         return np.concatenate(parts)
 
+    def read_ahead(self, n: int) -> Optional[np.ndarray]:
+        """n tokens of the text of the document after the one being read, from as far into it as that one
+        has been read (wrapping around), EOT-padded; nothing is taken. None when a held-out pass has no
+        further document."""
+        if self._ahead is None:
+            self._ahead = self._next_document()
+            if self._ahead is None:
+                return None
+        text = self._ahead[3][:-1]
+        start = self.pos["offset"] % len(text) if len(text) else 0
+        piece = text[start:start + n]
+        return np.concatenate([piece, np.full(n - len(piece), self.data.eot_id, dtype=piece.dtype)])
+
     def load_state(self, pos: dict) -> None:
-        self.pos, self._docs, self._doc = dict(pos), None, None
+        self.pos, self._docs, self._doc, self._ahead = dict(pos), None, None, None
 
 
 def pick_source(credit: dict[str, float], weights: dict[str, float]) -> str:
@@ -218,16 +238,30 @@ class CausalLM:
         return targets.numel()
 
 
-Objective = CausalLM | SpanCorruption
+Objective = CausalLM | SpanCorruption | MaskedLM
+
+
+def next_window(stream: SourceStream, objective: Objective) -> Optional[np.ndarray]:
+    """The objective's next window of `stream`: `window` tokens taken, then for NSP `read_ahead` tokens
+    of the next document (not taken); None when a held-out pass has run out."""
+    window = stream.take(objective.window)
+    ahead = getattr(objective, "read_ahead", 0)  # only BERT's objective reads ahead
+    if window is None or not ahead:
+        return window
+    other = stream.read_ahead(ahead)
+    return None if other is None else np.concatenate([window, other])
 
 
 def objective_for(t: TrainConfig, data: TrainingData) -> Objective:
     """train.objective as the loader, the training loop and eval apply it to `data`."""
     if t.objective == "causal_lm":
         return CausalLM(t.seq_len)
-    if data.tokenizer["vocab_size"] > PAD:  # its ids would be taken for PAD and the sentinels
+    if data.tokenizer["vocab_size"] > PAD:  # its ids would be taken for PAD and the special tokens
         raise TrainError(f"data.path: tokenizer {data.tokenizer.get('name')!r} has {data.tokenizer['vocab_size']} ids; "
-                         f"span corruption appends its PAD and sentinels after GPT-2's {PAD}")
+                         f"{t.objective.replace('_', ' ')} appends its special ids after GPT-2's {PAD} "
+                         "(trainer.special_tokens)")
+    if t.objective == "mlm_nsp":
+        return MaskedLM(t.seq_len, t.seed)
     s = t.span_corruption
     return SpanCorruption(t.seq_len, s.noise_density, s.mean_noise_span_length, t.seed)
 
@@ -240,7 +274,7 @@ class MixedStream:
 
     def __init__(self, data: TrainingData, objective: Objective, seed: int, heldout_percent: float = 0.0,
                  on_corrupt: str = "error"):
-        self.window = objective.window
+        self.objective = objective
         self.names = sorted(data.weights)
         self.weights = data.weights
         self.streams = {n: SourceStream(data, n, seed, heldout_percent, on_corrupt) for n in self.names}
@@ -250,7 +284,7 @@ class MixedStream:
     def next_window(self) -> np.ndarray:
         pick = pick_source(self.credit, self.weights)
         self.windows[pick] += 1
-        return self.streams[pick].take(self.window)
+        return next_window(self.streams[pick], self.objective)
 
     def drawn(self) -> int:
         """Windows drawn so far, all sources together: the global index of the next example."""
@@ -279,7 +313,7 @@ def heldout_examples(data: TrainingData, objective: Objective, heldout_percent: 
     index = 0
     while credit:
         pick = pick_source(credit, data.weights)
-        window = streams[pick].take(objective.window)
+        window = next_window(streams[pick], objective)
         if window is None:
             del credit[pick]
             continue

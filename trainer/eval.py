@@ -4,9 +4,9 @@ here, so no benchmark download is needed:
 - two-digit addition, GPT-3's prompt format ("Q: What is 48 plus 76? A: 124");
 - next-word prediction on held-out sentences (LAMBADA-style: the last word of a sentence).
 Each is scored zero-shot, one-shot and few-shot; an answer counts when greedy decoding reproduces it.
-A span-corruption (encoder-decoder) run reports the held-out loss of the targets its objective makes
-of the held-out documents (the run's seed, so the same every time), and no few-shot tasks: those
-prompt a decoder-only LM.
+A span-corruption (encoder-decoder) or BERT run reports the held-out loss of the targets its objective
+makes of the held-out documents (the run's seed, so the same every time; BERT: the MLM loss), and no
+few-shot tasks: those prompt a decoder-only LM.
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def heldout_loss(model, batches: list[torch.Tensor], objective: Objective) -> di
         raise TrainError("no held-out documents: raise data.heldout_percent (they are chosen by key hash)")
     total, n = 0.0, 0
     for b in batches:
-        inputs, targets = objective.split(b)
+        *inputs, targets = objective.split(b)  # BERT's call takes token types, a mask and NSP labels too
         predicted = objective.predicted(targets)
-        total += model(inputs, targets).ce_loss.item() * predicted
+        total += model(*inputs, targets).ce_loss.item() * predicted
         n += predicted
     loss = total / n
     return {"heldout_loss": loss, "heldout_perplexity": math.exp(loss), "heldout_tokens": n}
@@ -93,7 +93,7 @@ def evaluate(path: str | Path, tokenizer: Optional[str] = None, max_batches: int
     objective = objective_for(cfg.train, manifest)
     batches = heldout_batches(manifest, objective, cfg.train.micro_batch_size, cfg.data.heldout_percent, max_batches)
     result = {"checkpoint": str(step_dir), "objective": cfg.train.objective, **heldout_loss(model, batches, objective)}
-    if cfg.train.objective == "span_corruption":
+    if cfg.train.objective != "causal_lm":
         return result
     enc = load_tokenizer(manifest.tokenizer, tokenizer)
     rng = random.Random(seed)

@@ -7,9 +7,12 @@ that need more than text: the shards never contain them, the objectives insert t
   of an input by `<extra_id_i>` and the targets repeat it before the span's tokens (T5 §3.1.4). T5 has 100
   of them, as here; its SentencePiece vocabulary counts them down from its last id (<extra_id_0> is the
   last), while we append them after PAD and count up, so a model's vocabulary only ever grows at the end.
+- BERT's `CLS` (50358, "[CLS]": first position, the NSP classifier reads it), `SEP` (50359, "[SEP]": after
+  segment A and after segment B) and `MASK` (50360, "[MASK]": what masked language modelling puts in place
+  of 80% of the predicted tokens), after the sentinels so that no earlier id moves. BERT's [PAD] is PAD.
 
-An encoder-decoder config needs model.vocab_size >= SPAN_CORRUPTION_VOCAB_SIZE (50358).
-BERT's [CLS], [SEP] and [MASK] are to be appended after the sentinels (50358 ..), so these ids never move.
+An encoder-decoder config needs model.vocab_size >= SPAN_CORRUPTION_VOCAB_SIZE (50358), a BERT config
+model.vocab_size >= BERT_VOCAB_SIZE (50361).
 """
 from __future__ import annotations
 
@@ -18,5 +21,8 @@ PAD = 50257  # the first id past GPT-2's vocabulary (trainer.config.GPT2_VOCAB_S
 NUM_SENTINELS = 100
 SENTINEL_0 = PAD + 1
 SPAN_CORRUPTION_VOCAB_SIZE = SENTINEL_0 + NUM_SENTINELS  # 50358
+CLS, SEP, MASK = SPAN_CORRUPTION_VOCAB_SIZE, SPAN_CORRUPTION_VOCAB_SIZE + 1, SPAN_CORRUPTION_VOCAB_SIZE + 2
+BERT_VOCAB_SIZE = MASK + 1  # 50361
 
-NAMES = {PAD: "<pad>", **{SENTINEL_0 + i: f"<extra_id_{i}>" for i in range(NUM_SENTINELS)}}
+NAMES = {PAD: "<pad>", **{SENTINEL_0 + i: f"<extra_id_{i}>" for i in range(NUM_SENTINELS)},
+         CLS: "[CLS]", SEP: "[SEP]", MASK: "[MASK]"}

@@ -9,11 +9,14 @@ from tests.trainer.conftest import write_shards
 from trainer.data import (CausalLM, MixedStream, TrainLoader, heldout_batches, is_heldout, load_manifest,
                           read_documents)
 from trainer.errors import TrainError
+from trainer.masked_lm import MaskedLM
 from trainer.span_corruption import SpanCorruption
 
-# Both objectives read the same stream; span corruption's rows (70 raw tokens -> 64 inputs + 14 targets)
-# must be as independent of the layout and of a resume as the causal LM's windows.
-OBJECTIVES = {"causal_lm": CausalLM(64), "span_corruption": SpanCorruption(64, 0.15, 3.0, seed=1)}
+# Every objective reads the same stream; span corruption's rows (70 raw tokens -> 64 inputs + 14 targets) and
+# BERT's (61 raw tokens taken and 61 of the next document read ahead) must be as independent of the layout
+# and of a resume as the causal LM's windows.
+OBJECTIVES = {"causal_lm": CausalLM(64), "span_corruption": SpanCorruption(64, 0.15, 3.0, seed=1),
+              "mlm_nsp": MaskedLM(64, seed=1)}
 
 
 def manifest(shard_dir, **kw):

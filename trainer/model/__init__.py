@@ -1,5 +1,5 @@
 """The models: GPT-2/3 (dense or GPT-3's alternating banded attention), the encoder-decoder family
-(Vaswani Transformer, T5, Switch as published) and Switch top-1 MoE FFNs.
+(Vaswani Transformer, T5, Switch as published), BERT, and Switch top-1 MoE FFNs.
 
 Imported lazily so `trainer.model.counting` (pure arithmetic) doesn't pay for importing torch."""
 from __future__ import annotations
@@ -12,7 +12,9 @@ if TYPE_CHECKING:
 
     from trainer.config import ModelConfig
 
-_EXPORTS = {"GPT": "gpt", "GPTOutput": "gpt", "EncoderDecoder": "encdec", "MoEStats": "moe", "SwitchFFN": "moe"}
+_EXPORTS = {"GPT": "gpt", "GPTOutput": "gpt", "EncoderDecoder": "encdec", "BERT": "bert", "BERTOutput": "bert",
+            "MoEStats": "moe", "SwitchFFN": "moe"}
+_MODEL_OF_ARCH = {"decoder": "GPT", "encoder_decoder": "EncoderDecoder", "encoder": "BERT"}
 __all__ = [*_EXPORTS, "model_for"]
 
 
@@ -23,6 +25,6 @@ def __getattr__(name: str):
 
 
 def model_for(cfg: ModelConfig) -> nn.Module:
-    """The model `cfg` describes, built on the current default device: GPT, or EncoderDecoder for
-    `arch: encoder_decoder`."""
-    return __getattr__("EncoderDecoder" if cfg.arch == "encoder_decoder" else "GPT")(cfg)
+    """The model `cfg` describes, built on the current default device: GPT, EncoderDecoder for
+    `arch: encoder_decoder`, BERT for `arch: encoder`."""
+    return __getattr__(_MODEL_OF_ARCH[cfg.arch])(cfg)

@@ -1,8 +1,8 @@
 """Parameter counts and training FLOPs, computed from the config alone.
 
 Nothing here builds a model, so a 175B GPT-3 or a 2048-expert Switch-C is answered instantly.
-The counts equal `GPT(cfg).num_params()` and `EncoderDecoder(cfg).num_params()` exactly (tests hold
-them to it).
+The counts equal `GPT(cfg).num_params()`, `EncoderDecoder(cfg).num_params()` and `BERT(cfg).num_params()`
+exactly (tests hold them to it).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from trainer.config import ModelConfig
+from trainer.masked_lm import PREDICT_RATE
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class ParamCounts:
     total: int  # unique parameters; the tied LM head counts once
     active: int  # used per token: MoE layers count one expert (plus the router)
     non_embedding: int  # total without token and position embeddings
-    embedding: int  # token table, an untied output head, and learned position tables (relative ones too)
+    embedding: int  # token table, an untied output head, learned position tables (relative ones too), token types
     expert: int  # all expert weights (what expert parallelism shards)
 
 
@@ -48,8 +49,15 @@ def _layer_params(cfg: ModelConfig, layer: int, cross: bool = False) -> tuple[in
     return norms + attention + router, cfg.moe.num_experts * one_expert, one_expert
 
 
+def _bert_heads(cfg: ModelConfig) -> int:
+    """BERT's embedding norm, MLM head (dense, norm, output bias: its matrix is the token table), pooler and
+    NSP classifier."""
+    d, b = cfg.d_model, cfg.bias
+    return 2 * _norm_params(cfg) + 2 * (d * d + d * b) + cfg.vocab_size * b + 2 * d + 2 * b
+
+
 def _blocks(cfg: ModelConfig) -> list[tuple[int, int, int]]:
-    if cfg.arch == "decoder":
+    if cfg.arch != "encoder_decoder":
         return [_layer_params(cfg, i) for i in range(cfg.n_layer)]
     return [_layer_params(cfg, i) for i in range(cfg.encoder_layers)] + [
         _layer_params(cfg, i, cross=True) for i in range(cfg.n_layer)]
@@ -60,9 +68,11 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     embedding += cfg.n_ctx * d if cfg.pos_embedding == "learned" else 0
     embedding += stacks * cfg.relative_buckets * cfg.n_head if cfg.pos_embedding == "relative" else 0
+    embedding += cfg.type_vocab_size * d if cfg.arch == "encoder" else 0
     final_norms = stacks * _norm_params(cfg) if cfg.norm_position == "pre" else 0
+    heads = _bert_heads(cfg) if cfg.arch == "encoder" else 0
     layers = _blocks(cfg)
-    dense = embedding + final_norms + sum(dense for dense, _, _ in layers)
+    dense = embedding + final_norms + heads + sum(dense for dense, _, _ in layers)
     expert = sum(e for _, e, _ in layers)
     active_expert = sum(one for _, _, one in layers)
     return ParamCounts(total=dense + expert, active=dense + active_expert,
@@ -79,10 +89,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None) -> float:
     (default n_ctx) for dense layers and min(local_window, seq_len) for GPT-3's banded layers.
     An encoder-decoder's token is one input and one target position (both seq_len long): every
     parameter is used once per token, and a decoder block attends twice (itself, then the encoder).
+    BERT attends over all T positions; its MLM head (dense layer and output matrix) runs at the 15% of
+    positions it predicts (it gathers them), and its pooler counts at every position (1/T too much).
     """
     T = seq_len or cfg.n_ctx
     counts = param_counts(cfg)
     n = counts.active - counts.embedding + cfg.vocab_size * cfg.d_model
+    if cfg.arch == "encoder":
+        n -= (1 - PREDICT_RATE) * cfg.d_model * (cfg.d_model + cfg.vocab_size)
     if cfg.arch == "encoder_decoder":
         ctx_sum = (cfg.encoder_layers + 2 * cfg.n_layer) * T
     else:

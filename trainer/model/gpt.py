@@ -46,9 +46,13 @@ def sinusoidal_positions(n_ctx: int, d_model: int, layout: str = "interleaved") 
     return table.float()
 
 
+# torch's `approximate` for each GELU: GPT-2's tanh "gelu_new" (keeps its checkpoints bit-compatible), BERT's erf.
+GELU_APPROXIMATE = {"gelu": "tanh", "gelu-exact": "none"}
+
+
 class MLP(nn.Module):
-    """GELU (GPT-2), ReLU (Vaswani, T5 v1.0) or gated GELU (T5 v1.1: c_fc holds the gate's and the linear
-    half's weights, in that order)."""
+    """GELU (GPT-2; BERT's exact one), ReLU (Vaswani, T5 v1.0) or gated GELU (T5 v1.1: c_fc holds the gate's
+    and the linear half's weights, in that order)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -64,8 +68,7 @@ class MLP(nn.Module):
         if self.activation == "gated-gelu":
             gate, linear = h.chunk(2, dim=-1)
             return self.c_proj(F.gelu(gate, approximate="tanh") * linear)
-        # tanh GELU is GPT-2's "gelu_new": keeps Hugging Face GPT-2 checkpoints bit-compatible.
-        return self.c_proj(F.gelu(h, approximate="tanh"))
+        return self.c_proj(F.gelu(h, approximate=GELU_APPROXIMATE[self.activation]))
 
 
 class Block(nn.Module):
