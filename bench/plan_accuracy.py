@@ -37,8 +37,8 @@ def _warm_up(run, device: str, engine_kind: str) -> None:
     """One step of the same model shrunk to nothing, so the code pages of every kernel the real
     steps call are already resident: the resident-set peak then counts data, not libtorch's code."""
     data = run.model_dump()
-    data["model"].update(vocab_size=64, n_ctx=16, local_window=4)
-    data["train"].update(seq_len=8, micro_batch_size=1, global_batch_size=1)
+    data["model"].update(vocab_size=64, n_ctx=16, local_window=4, decoder_start_token_id=0)
+    data["train"].update(seq_len=8, micro_batch_size=1, global_batch_size=1, objective="causal_lm")
     _train_steps(type(run).model_validate(data), device, engine_kind)
 
 
@@ -47,7 +47,10 @@ def _train_steps(run, device: str, engine_kind: str) -> list[float]:
     PyTorch AdamW loop (`torch`), on random tokens."""
     import torch
 
+    from trainer.model.counting import training_example
+
     t = run.train
+    ex = training_example(run.model, train=t)  # an encoder-decoder's inputs and targets differ in length
     accum = run.for_world(1).gradient_accumulation
     step = _deepspeed_step(run, accum) if engine_kind == "deepspeed" else _torch_step(run, device, accum)
     gen = torch.Generator().manual_seed(0)
@@ -55,8 +58,11 @@ def _train_steps(run, device: str, engine_kind: str) -> list[float]:
     for _ in range(OPTIMIZER_STEPS):
         start = time.perf_counter()
         for micro in range(accum):
-            idx = torch.randint(run.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=gen).to(device)
-            step(idx[:, :-1].contiguous(), idx[:, 1:].contiguous(), micro == accum - 1)
+            decoder = run.model.arch == "decoder"
+            width = ex.inputs + 1 if decoder else ex.inputs + ex.targets
+            idx = torch.randint(run.model.vocab_size, (t.micro_batch_size, width), generator=gen)
+            x, y = (idx[:, :-1], idx[:, 1:]) if decoder else idx.split([ex.inputs, ex.targets], 1)
+            step(x.contiguous().to(device), y.contiguous().to(device), micro == accum - 1)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -66,11 +72,11 @@ def _train_steps(run, device: str, engine_kind: str) -> list[float]:
 def _torch_step(run, device: str, accum: int):
     import torch
 
-    from trainer.model.gpt import GPT
+    from trainer.model import model_for
 
     t = run.train
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
-    model = GPT(run.model).to(device=device, dtype=dtype)
+    model = model_for(run.model).to(device=device, dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                                   weight_decay=t.weight_decay)
 
@@ -123,14 +129,16 @@ def measure(config: str, device: str, engine_kind: str) -> dict:
 def estimate(config: str, device: str) -> dict:
     from cluster.configio import load_run_config
     from cluster.plan import Layout, estimate_memory, step_time_s
+    from trainer.model.counting import training_example
 
     run = load_run_config(config)
     t = run.train
+    ex = training_example(run.model, train=t)
     accum = run.for_world(1).gradient_accumulation
     layout = Layout(run.parallel.zero_stage, 1, 1, t.micro_batch_size, accum, t.activation_checkpointing)
-    memory = estimate_memory(run.model, layout, t.seq_len, t.precision)
+    memory = estimate_memory(run.model, layout, ex, t.precision)
     peak = _device_peak(t.precision, device)
-    flops, seconds = step_time_s(run.model, t.seq_len, t.global_batch_size, 1, run.cluster.assumed_mfu, peak / 1e12,
+    flops, seconds = step_time_s(run.model, ex, t.global_batch_size, 1, run.cluster.assumed_mfu, peak / 1e12,
                                  t.activation_checkpointing)
     return {"memory": {k: getattr(memory, k) for k in ("weights", "grads", "optimizer", "activations")},
             "total_bytes": memory.total, "step_seconds": seconds, "flops_per_step": flops,

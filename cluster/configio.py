@@ -4,7 +4,7 @@ file and the key."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 import yaml
 from pydantic import BaseModel
@@ -76,12 +76,18 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     return validate(JobConfig, data, str(path))
 
 
-def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfig:
-    """A model YAML, or a train YAML's model (the whole train YAML is validated)."""
+def load_model_or_run(path: str | Path, overrides: list[str] = ()) -> tuple[ModelConfig, Optional[JobConfig]]:
+    """(model, None) for a model YAML; (its model, the whole validated run) for a train YAML."""
     path = Path(path)
     if is_train_yaml(read_yaml(path)):
-        return load_run_config(path, overrides).model
-    return load_config(path, ModelConfig, overrides)
+        run = load_run_config(path, overrides)
+        return run.model, run
+    return load_config(path, ModelConfig, overrides), None
+
+
+def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfig:
+    """A model YAML, or a train YAML's model (the whole train YAML is validated)."""
+    return load_model_or_run(path, overrides)[0]
 
 
 def load_config(path: str | Path, schema: type[T], overrides: list[str] = ()) -> T:

@@ -14,8 +14,8 @@ import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
-from trainer.config import ModelConfig
-from trainer.model.counting import flops_per_token, param_counts
+from trainer.config import ModelConfig, TrainConfig
+from trainer.model.counting import Example, flops_per_example, param_counts, training_example
 from trainer.zero_memory import DEEPSPEED_BUCKET_ELEMENTS, comm_bucket_elements, memory_per_gpu, zero3_layer_elements
 
 INIT_CHUNK = 1 << 20  # trainer.initialize.CHUNK, not imported here: that would load torch for every plan
@@ -67,12 +67,14 @@ class Plan:
     model: str
     gpus: int
     gpu_memory_gb: float
-    seq_len: int
+    seq_len: int  # input positions per sequence (an encoder-decoder's encoder input)
     global_batch_size: int
     precision: str
     assumed_mfu: float
     gpu_tflops: float
     budget_bytes: float
+    targets_len: int = 0  # positions the decoder predicts (a decoder-only model: seq_len)
+    tokens_per_sequence: int = 0  # raw tokens a sequence takes from the shards: what tokens/s counts
     layout: Optional[Layout] = None
     memory: Optional[Memory] = None
     flops_per_step: float = 0.0
@@ -104,20 +106,32 @@ def _element_bytes(precision: Precision) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def block_element_bytes(cfg: ModelConfig, layer: int, tokens: int, precision: Precision) -> float:
-    """Bytes autograd saves for one block's backward (trainer/model/gpt.py, attention.py, moe.py).
+def _hidden_elements(cfg: ModelConfig) -> int:
+    """Elements a dense FFN saves per hidden unit: ReLU's output (its backward and c_proj's share it),
+    GELU's input and output, gated GELU's fused projection (2), GELU output and product."""
+    return {"relu": 1, "gelu": 2, "gated-gelu": 4}[cfg.activation]
 
-    Attention: LN input and output, q/k/v, the fused-attention output and its contiguous copy for
-    the projection: 7 x (tokens x d). The second LN's input and output: 2. Dense FFN: GELU input
-    and output: 2 x (tokens x d_ff). A Switch FFN instead keeps the routed [experts, capacity, d]
-    buffer, the expert hidden pre/post GELU and the gathered output; its router works in float32.
-    """
-    d, a = cfg.d_model, _element_bytes(precision)
+
+def block_element_bytes(cfg: ModelConfig, layer: int, tokens: int, precision: Precision,
+                        memory_tokens: int = 0) -> float:
+    """Bytes autograd saves for one block's backward (trainer/model/gpt.py, encdec.py, attention.py, moe.py).
+
+    Per token, with i = n_head * d_kv: each attention's norm input and output (2d), q/k/v (3i), the fused
+    attention's output and its contiguous copy for the projection (2i); a decoder block's cross-attention
+    (`memory_tokens` > 0) the same but for keys and values, which are 2i per encoder position. The FFN's
+    norm input and output (2d) and its hidden units (`_hidden_elements`); a Switch FFN instead keeps the
+    routed [experts, capacity, d] buffer, the expert hidden pre/post activation and the gathered output,
+    its router in float32. With dropout, a one-byte mask per residual branch."""
+    d, a, inner = cfg.d_model, _element_bytes(precision), cfg.n_head * cfg.head_dim
+    attention = tokens * (2 * d + 5 * inner)
+    if memory_tokens:
+        attention += tokens * (2 * d + 3 * inner) + memory_tokens * 2 * inner
+    masks = tokens * d * (3 if memory_tokens else 2) if cfg.dropout > 0 else 0
     if not cfg.is_moe_layer(layer):
-        return a * tokens * (9 * d + 2 * cfg.ff_width)
+        return a * (attention + tokens * (2 * d + _hidden_elements(cfg) * cfg.ff_width)) + masks
     routed = cfg.moe.capacity_factor * tokens
     router_fp32 = 4 * tokens * (2 * cfg.moe.num_experts + (d if a != 4 else 0))
-    return a * (tokens * 10 * d + routed * (d + 2 * cfg.expert_ff_width)) + router_fp32
+    return a * (attention + tokens * 3 * d + routed * (d + 2 * cfg.expert_ff_width)) + router_fp32 + masks
 
 
 def logits_bytes(cfg: ModelConfig, tokens: int, precision: Precision) -> float:
@@ -126,20 +140,44 @@ def logits_bytes(cfg: ModelConfig, tokens: int, precision: Precision) -> float:
     return tokens * cfg.vocab_size * (_element_bytes(precision) + 12)
 
 
-def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: Precision, checkpointing: bool) -> float:
-    tokens = micro_batch * seq_len
-    a = _element_bytes(precision)
-    per_block = [block_element_bytes(cfg, i, tokens, precision) for i in range(cfg.n_layer)]
-    # Checkpointed blocks keep only their input, then recompute one block at a time in backward.
-    blocks = cfg.n_layer * a * tokens * cfg.d_model + max(per_block) if checkpointing else sum(per_block)
-    banded_mask = seq_len * seq_len if cfg.attention == "alternating" and seq_len > cfg.local_window else 0
-    final_norm = 2 * a * tokens * cfg.d_model  # ln_f input and output
-    return blocks + banded_mask + final_norm + logits_bytes(cfg, tokens, precision)
+def _as_example(cfg: ModelConfig, example: Example | int) -> Example:
+    """An Example, or an input length: the example `training_example` makes of it."""
+    return example if isinstance(example, Example) else training_example(cfg, example)
 
 
-def estimate_memory(cfg: ModelConfig, layout: Layout, seq_len: int, precision: Precision) -> Memory:
+def _stack_bytes(cfg: ModelConfig, layers: int, tokens: int, precision: Precision, checkpointing: bool,
+                 memory_tokens: int = 0) -> float:
+    """One stack's blocks; checkpointed blocks keep only their input, then recompute one block at a time."""
+    per_block = [block_element_bytes(cfg, i, tokens, precision, memory_tokens) for i in range(layers)]
+    if checkpointing:
+        return layers * _element_bytes(precision) * tokens * cfg.d_model + max(per_block)
+    return sum(per_block)
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch: int, example: Example | int, precision: Precision,
+                     checkpointing: bool) -> float:
+    """Saved for backward in one micro-batch. An encoder-decoder's encoder runs over its inputs, its
+    decoder over the targets (cross-attending to the inputs), and the loss over the targets' logits."""
+    ex, a = _as_example(cfg, example), _element_bytes(precision)
+    inputs, targets = micro_batch * ex.inputs, micro_batch * ex.targets
+    if cfg.arch == "decoder":
+        blocks = _stack_bytes(cfg, cfg.n_layer, inputs, precision, checkpointing)
+        seq_len = ex.inputs
+        banded_mask = seq_len * seq_len if cfg.attention == "alternating" and seq_len > cfg.local_window else 0
+        return blocks + banded_mask + 2 * a * inputs * cfg.d_model + logits_bytes(cfg, inputs, precision)
+    blocks = (_stack_bytes(cfg, cfg.encoder_layers, inputs, precision, checkpointing)
+              + _stack_bytes(cfg, cfg.n_layer, targets, precision, checkpointing, memory_tokens=inputs))
+    final_norms = 2 * a * (inputs + targets) * cfg.d_model  # each stack's last norm, input and output
+    # T5's relative bias, (1, heads, T, T) per stack, and the decoder's copy with the causal mask folded in.
+    position_bias = a * cfg.n_head * (ex.inputs ** 2 + 2 * ex.targets ** 2) if cfg.pos_embedding == "relative" else 0
+    return blocks + final_norms + position_bias + logits_bytes(cfg, targets, precision)
+
+
+def estimate_memory(cfg: ModelConfig, layout: Layout, example: Example | int, precision: Precision) -> Memory:
+    """Memory per GPU for one training step of `example` (an Example, or an input length)."""
+    ex = _as_example(cfg, example)
     states = memory_per_gpu(cfg, layout.zero_stage, layout.dp_size, layout.ep_size, precision)
-    tokens = layout.micro_batch_size * seq_len
+    tokens = layout.micro_batch_size * max(ex.inputs, ex.targets)  # the longer stack's Switch layers
     a = _element_bytes(precision)
     all_to_all = 0.0
     if cfg.moe is not None and layout.ep_size > 1:
@@ -159,7 +197,7 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, seq_len: int, precision: P
     write_buffer = 4 * largest_param(cfg, layout.ep_size) if layout.zero_stage == 0 and precision == "fp16" else 0
     checkpoint_save = states.weights + states.grads + states.optimizer + buffers + write_buffer
     return Memory(weights=states.weights, grads=states.grads, optimizer=states.optimizer,
-                  activations=activation_bytes(cfg, layout.micro_batch_size, seq_len, precision,
+                  activations=activation_bytes(cfg, layout.micro_batch_size, ex, precision,
                                                layout.activation_checkpointing),
                   moe_all_to_all=all_to_all, buffers=buffers, construction=construction,
                   checkpoint_save=checkpoint_save)
@@ -171,18 +209,18 @@ def largest_param(cfg: ModelConfig, ep_size: int) -> int:
     return max(cfg.vocab_size * cfg.d_model, experts, cfg.d_model * cfg.ff_width)
 
 
-def step_time_s(cfg: ModelConfig, seq_len: int, global_batch: int, gpus: int, mfu: float, tflops: float,
+def step_time_s(cfg: ModelConfig, example: Example | int, global_batch: int, gpus: int, mfu: float, tflops: float,
                 checkpointing: bool) -> tuple[float, float]:
     """(model FLOPs per step, seconds): model FLOPs over gpus x peak x MFU; recomputing the forward
     pass under activation checkpointing costs another third of the work at the same utilisation."""
-    flops = flops_per_token(cfg, seq_len) * seq_len * global_batch
+    flops = flops_per_example(cfg, _as_example(cfg, example)) * global_batch
     return flops, flops / (gpus * tflops * 1e12 * mfu) * (4 / 3 if checkpointing else 1)
 
 
-def default_global_batch(cfg: ModelConfig, seq_len: int) -> int:
+def default_global_batch(cfg: ModelConfig, example: Example) -> int:
     total = param_counts(cfg).total
     tokens = next(t for limit, t in GPT3_BATCH_TOKENS if total < limit)
-    return max(1, round(tokens / seq_len))
+    return max(1, round(tokens / example.raw_tokens))
 
 
 def expert_parallel_sizes(cfg: ModelConfig, gpus: int) -> list[int]:
@@ -211,58 +249,62 @@ def _rounded_batch(global_batch: int, gpus: int) -> int:
 
 def make_plan(cfg: ModelConfig, gpus: int, gpu_memory_gb: float, *, seq_len: Optional[int] = None,
               global_batch: Optional[int] = None, precision: Precision = "bf16", mfu: float = 0.4,
-              gpu_tflops: float = 312.0) -> Plan:
-    seq_len = seq_len or cfg.n_ctx
-    wanted = global_batch or default_global_batch(cfg, seq_len)
+              gpu_tflops: float = 312.0, train: Optional[TrainConfig] = None) -> Plan:
+    """`train` supplies the objective (an encoder-decoder's target length and raw tokens per sequence);
+    without it an encoder-decoder is planned for T5's span corruption of seq_len inputs."""
+    ex = training_example(cfg, seq_len, train)
+    wanted = global_batch or default_global_batch(cfg, ex)
     batch = _rounded_batch(wanted, gpus)
-    plan = Plan(feasible=False, model=cfg.name, gpus=gpus, gpu_memory_gb=gpu_memory_gb, seq_len=seq_len,
+    plan = Plan(feasible=False, model=cfg.name, gpus=gpus, gpu_memory_gb=gpu_memory_gb, seq_len=ex.inputs,
                 global_batch_size=batch, precision=precision, assumed_mfu=mfu, gpu_tflops=gpu_tflops,
-                budget_bytes=gpu_memory_gb * GB * (1 - RESERVED_FRACTION))
+                budget_bytes=gpu_memory_gb * GB * (1 - RESERVED_FRACTION), targets_len=ex.targets,
+                tokens_per_sequence=ex.raw_tokens)
     if batch != wanted:
         plan.notes.append(f"global batch {wanted} -> {batch} sequences: a multiple of the {gpus} data-parallel ranks")
     smallest: Optional[tuple[Layout, Memory]] = None
     for layout in candidate_layouts(cfg, gpus, batch):
-        memory = estimate_memory(cfg, layout, seq_len, precision)
+        memory = estimate_memory(cfg, layout, ex, precision)
         if smallest is None or memory.total < smallest[1].total:
             smallest = (layout, memory)
         if memory.total <= plan.budget_bytes:
             plan.feasible, plan.layout, plan.memory = True, layout, memory
             plan.flops_per_step, plan.step_time_s = step_time_s(
-                cfg, seq_len, batch, gpus, mfu, gpu_tflops, layout.activation_checkpointing)
-            plan.tokens_per_s = batch * seq_len / plan.step_time_s
-            plan.reason = _why_not_cheaper(cfg, layout, seq_len, precision, plan.budget_bytes)
+                cfg, ex, batch, gpus, mfu, gpu_tflops, layout.activation_checkpointing)
+            plan.tokens_per_s = batch * ex.raw_tokens / plan.step_time_s
+            plan.reason = _why_not_cheaper(cfg, layout, ex, precision, plan.budget_bytes)
             return plan
     plan.layout, plan.memory = smallest
     plan.reason = _why_infeasible(cfg, plan, smallest, precision)
     return plan
 
 
-def _why_not_cheaper(cfg: ModelConfig, chosen: Layout, seq_len: int, precision: Precision, budget: float) -> str:
+def _why_not_cheaper(cfg: ModelConfig, chosen: Layout, ex: Example, precision: Precision, budget: float) -> str:
     """Why the cheaper settings were passed over, from their own estimates at micro batch 1."""
     reasons = []
     if chosen.zero_stage > 0:
         lower = Layout(chosen.zero_stage - 1, chosen.ep_size, chosen.dp_size, 1, 1, True)
-        need = estimate_memory(cfg, lower, seq_len, precision).total
+        need = estimate_memory(cfg, lower, ex, precision).total
         reasons.append(f"ZeRO-{lower.zero_stage} would need {need / GB:.1f} GB per GPU even with micro batch 1 "
                        f"and activation checkpointing")
     smaller_ep = [e for e in expert_parallel_sizes(cfg, chosen.dp_size) if e < chosen.ep_size]
     if smaller_ep:
         fewer = Layout(chosen.zero_stage, smaller_ep[-1], chosen.dp_size, 1, 1, chosen.activation_checkpointing)
-        need = estimate_memory(cfg, fewer, seq_len, precision).total
+        need = estimate_memory(cfg, fewer, ex, precision).total
         reasons.append(f"expert parallel {fewer.ep_size} would need {need / GB:.1f} GB with micro batch 1")
     if chosen.activation_checkpointing:
         plain = Layout(chosen.zero_stage, chosen.ep_size, chosen.dp_size, 1, 1, False)
-        need = estimate_memory(cfg, plain, seq_len, precision).total
+        need = estimate_memory(cfg, plain, ex, precision).total
         reasons.append(f"without activation checkpointing micro batch 1 would need {need / GB:.1f} GB")
     budget_text = f"the {budget / GB:.1f} GB budget"
     return "; ".join(reasons) + f" (over {budget_text})" if reasons else f"the cheapest layout fits {budget_text}"
 
 
-def min_gpus(cfg: ModelConfig, gpu_memory_gb: float, seq_len: int, precision: Precision, limit: int = 1 << 20) -> Optional[int]:
+def min_gpus(cfg: ModelConfig, gpu_memory_gb: float, example: Example | int, precision: Precision,
+             limit: int = 1 << 20) -> Optional[int]:
     """The smallest power-of-two GPU count whose model states and smallest activations fit."""
     gpus = 1
     while gpus <= limit:
-        best = min((estimate_memory(cfg, lay, seq_len, precision).total
+        best = min((estimate_memory(cfg, lay, example, precision).total
                     for lay in candidate_layouts(cfg, gpus, gpus) if lay.activation_checkpointing), default=None)
         if best is not None and best <= gpu_memory_gb * GB * (1 - RESERVED_FRACTION):
             return gpus
@@ -273,7 +315,8 @@ def min_gpus(cfg: ModelConfig, gpu_memory_gb: float, seq_len: int, precision: Pr
 def _why_infeasible(cfg: ModelConfig, plan: Plan, smallest: tuple[Layout, Memory], precision: Precision) -> str:
     layout, memory = smallest
     states = memory.weights + memory.grads + memory.optimizer
-    needed = min_gpus(cfg, plan.gpu_memory_gb, plan.seq_len, precision)
+    ex = Example(plan.seq_len, plan.targets_len, plan.tokens_per_sequence)
+    needed = min_gpus(cfg, plan.gpu_memory_gb, ex, precision)
     more = f"; it needs at least {needed} GPUs of {plan.gpu_memory_gb:g} GB" if needed else ""
     return (f"{cfg.name} does not fit on {plan.gpus} x {plan.gpu_memory_gb:g} GB GPUs: the smallest layout "
             f"(ZeRO-{layout.zero_stage}, expert parallel {layout.ep_size}, micro batch {layout.micro_batch_size}, "

@@ -1,7 +1,9 @@
-"""Scaling a config down to a target machine while keeping its family: the attention pattern
-(dense or alternating dense/banded, with the band the same fraction of the context), positions,
-biases, the FFN width ratio, and for Switch models the MoE frequency, routing (capacity factors,
-jitter) and losses. Only sizes change: depth, width, heads, context, number of experts, batch."""
+"""Scaling a config down to a target machine while keeping its family: the architecture (decoder or
+encoder-decoder, with its norms, activation, positions and embedding options), the attention pattern
+(dense or alternating dense/banded, with the band the same fraction of the context), biases, the FFN
+width ratio, the training objective, and for Switch models the MoE frequency, routing (capacity
+factors, jitter) and losses. Only sizes change: depth (both stacks), width, heads, context, number of
+experts, batch."""
 from __future__ import annotations
 
 import math
@@ -40,7 +42,7 @@ TARGETS: dict[str, TargetSize] = {
 }
 
 
-def _layers(cfg: ModelConfig, minimum: int) -> int:
+def _layers(cfg: ModelConfig, minimum: float) -> int:
     """At least `minimum`, and a whole number of the pattern's period so every kind of block appears
     (dense and banded attention; dense and MoE FFN), in the same proportions as the original."""
     period = math.lcm(2 if cfg.attention == "alternating" else 1, cfg.moe.every if cfg.moe else 1)
@@ -57,6 +59,10 @@ def scale_model(cfg: ModelConfig, target: Target) -> ModelConfig:
     data.update(name=f"{cfg.name}-{target}", n_layer=_layers(cfg, size.min_layers), d_model=size.d_model,
                 n_head=size.d_model // size.head_dim, d_ff=_width(cfg.ff_width / cfg.d_model, size.d_model),
                 n_ctx=size.n_ctx)
+    if cfg.n_encoder_layer is not None:  # the encoder keeps its depth relative to the decoder
+        data["n_encoder_layer"] = _layers(cfg, size.min_layers * cfg.n_encoder_layer / cfg.n_layer)
+    if cfg.d_kv is not None:  # heads of the target's width (Switch-C's 32 x 64 inside 2080 has no small form)
+        data["d_kv"] = size.head_dim
     # The band keeps its share of the context, and stays shorter than the training sequence.
     share = cfg.local_window / cfg.n_ctx
     data["local_window"] = max(4, min(round(share * size.n_ctx), size.train["seq_len"] // 2))
@@ -65,12 +71,16 @@ def scale_model(cfg: ModelConfig, target: Target) -> ModelConfig:
         moe["num_experts"] = min(cfg.moe.num_experts, size.max_experts)
         if cfg.moe.expert_d_ff:
             moe["expert_d_ff"] = _width(cfg.moe.expert_d_ff / cfg.d_model, size.d_model)
+        if isinstance(cfg.moe.routing_group, int):  # N tokens sized for the original batch need not divide the target's
+            moe["routing_group"] = "sequence"
     return ModelConfig.model_validate(data)
 
 
 def _base_run(model: ModelConfig) -> dict[str, Any]:
-    """For a bare model YAML: the shipped tiny CPU recipe of the same kind (data path, logging...)."""
-    name = ("tiny-bert" if model.arch == "encoder" else "tiny-switch" if model.moe else "tiny-gpt") + "-cpu.yaml"
+    """For a bare model YAML: the shipped tiny CPU recipe of the same kind (data path, objective, logging...)."""
+    kind = {"decoder": "tiny-switch" if model.moe else "tiny-gpt", "encoder": "tiny-bert",
+            "encoder_decoder": "tiny-switch-t5" if model.moe else "tiny-t5"}[model.arch]
+    name = f"{kind}-cpu.yaml"
     return read_yaml(CONFIGS_DIR / "train" / name)
 
 

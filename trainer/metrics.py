@@ -132,4 +132,4 @@ def progress_line(r: dict, max_steps: int) -> str:
 def flops_for(cfg: RunConfig) -> float:
     from trainer.model.counting import flops_per_token
 
-    return flops_per_token(cfg.model, cfg.train.seq_len)
+    return flops_per_token(cfg.model, train=cfg.train)  # per raw token: what tokens/s counts

@@ -24,30 +24,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--dp", type=int, default=8, help="data-parallel size for the memory table (default 8)")
     info.add_argument("--ep", type=int, default=1, help="expert-parallel size for the memory table (default 1)")
     info.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
-    info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: n_ctx)")
+    info.add_argument("--seq-len", type=int, default=None,
+                      help="sequence length (an encoder-decoder's input length) for FLOPs; default: a train "
+                           "YAML's train.seq_len, else n_ctx")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=run_info)
 
 
-def model_info(cfg, dp: int, ep: int, precision: str, seq_len: int | None) -> dict:
-    from trainer.model.counting import flops_per_token, param_counts
+def model_info(cfg, dp: int, ep: int, precision: str, seq_len: int | None, train=None) -> dict:
+    """`train` (a TrainConfig) supplies the objective and sequence length FLOPs are counted for."""
+    from trainer.model.counting import flops_per_example, param_counts, training_example
     from trainer.zero_memory import memory_per_gpu
 
-    counts = param_counts(cfg)
+    counts, example = param_counts(cfg), training_example(cfg, seq_len, train)
     memory = {}
     for stage in range(4):
         est = memory_per_gpu(cfg, zero_stage=stage, dp_size=dp, ep_size=ep, precision=precision)
         memory[f"zero{stage}"] = {"weights": est.weights, "grads": est.grads,
                                   "optimizer": est.optimizer, "total": est.total}
+    moe = cfg.moe
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layer))
+    if cfg.arch == "encoder_decoder":
+        moe_layers += sum(cfg.is_moe_layer(i) for i in range(cfg.encoder_layers))
+    flops = flops_per_example(cfg, example)
     return {
         "name": cfg.name,
+        "arch": cfg.arch,
+        "n_layer": cfg.n_layer,  # decoder blocks
+        "n_encoder_layer": cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0,
+        "num_experts": moe.num_experts if moe else 0,
+        "moe_every": moe.every if moe else 0,
+        "moe_layers": moe_layers,
         "params_total": counts.total,
         "params_active": counts.active,
         "params_non_embedding": counts.non_embedding,
         "params_embedding": counts.embedding,
         "params_expert": counts.expert,
-        "flops_per_token": flops_per_token(cfg, seq_len),
-        "seq_len": seq_len or cfg.n_ctx,
+        "flops_per_token": flops / example.raw_tokens,  # per raw token, as the trainer's MFU counts
+        "flops_per_sequence": flops,
+        "seq_len": example.inputs,
+        "targets_len": example.targets,
+        "tokens_per_sequence": example.raw_tokens,
         "memory_per_gpu_bytes": memory,
         "memory_assumptions": {"dp_size": dp, "ep_size": ep, "precision": precision},
     }
@@ -61,14 +78,14 @@ def _human(n: float) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from cluster.configio import ConfigError, load_model_config
+    from cluster.configio import ConfigError, load_model_or_run
 
-    cfg = load_model_config(args.config, args.overrides)
+    cfg, run = load_model_or_run(args.config, args.overrides)
     if args.dp < 1 or args.ep < 1:
         raise ConfigError(f"--dp {args.dp} / --ep {args.ep}: both must be >= 1")
     if problem := cfg.expert_parallel_error(args.ep, args.dp):
         raise ConfigError(f"--ep: {problem}")
-    info = model_info(cfg, args.dp, args.ep, args.precision, args.seq_len)
+    info = model_info(cfg, args.dp, args.ep, args.precision, args.seq_len, run.train if run else None)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -82,12 +99,23 @@ def _print_table(info: dict) -> None:
 
     console = Console()
     params = Table(title=f"{info['name']}: parameters and compute", show_header=False)
+    if info["arch"] == "encoder_decoder":
+        params.add_row("blocks", f"{info['n_encoder_layer']} encoder + {info['n_layer']} decoder")
+    else:
+        params.add_row("blocks", str(info["n_layer"]))
+    if info["num_experts"]:
+        params.add_row("experts", f"{info['num_experts']} in each of {info['moe_layers']} Switch layers")
     params.add_row("parameters, total", _human(info["params_total"]))
     params.add_row("active per token", _human(info["params_active"]))
     params.add_row("non-embedding", _human(info["params_non_embedding"]))
     if info["params_expert"]:
         params.add_row("in experts", _human(info["params_expert"]))
-    params.add_row(f"training FLOPs per token (seq {info['seq_len']})", _human(info["flops_per_token"]))
+    if info["arch"] == "encoder_decoder":
+        params.add_row("sequence", f"inputs {info['seq_len']}, targets {info['targets_len']} "
+                                   f"({info['tokens_per_sequence']} raw tokens)")
+        params.add_row("training FLOPs per raw token", _human(info["flops_per_token"]))
+    else:
+        params.add_row(f"training FLOPs per token (seq {info['seq_len']})", _human(info["flops_per_token"]))
     console.print(params)
     a = info["memory_assumptions"]
     mem = Table(title=f"memory per GPU, GiB (dp={a['dp_size']}, ep={a['ep_size']}, {a['precision']} + Adam; "

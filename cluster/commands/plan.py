@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU, GB (1e9 bytes)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
-    p.add_argument("--seq-len", type=int, help="default: train.seq_len, else the model's n_ctx")
+    p.add_argument("--seq-len", type=int, help="input length (an encoder-decoder's encoder input); default: "
+                                                "train.seq_len, else the model's n_ctx")
     p.add_argument("--global-batch", type=int, help="sequences per step; default: train.global_batch_size, "
                                                       "else GPT-3's batch for the model's size")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: train.precision, else bf16")
@@ -27,30 +28,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def plan_from_args(args: argparse.Namespace):
     from cluster.config import ClusterConfig
-    from cluster.configio import is_train_yaml, load_config, load_run_config
+    from cluster.configio import load_model_or_run
     from cluster.errors import ClusterError
     from cluster.plan import make_plan
-    from trainer.config import ModelConfig, TrainConfig
-    from trainer.configio import read_yaml
 
     if args.gpus < 1 or args.gpu_memory_gb <= 0:
         raise ClusterError("--gpus must be >= 1 and --gpu-memory-gb > 0")
-    train, cluster, batch = TrainConfig(), ClusterConfig(), None
-    if is_train_yaml(read_yaml(args.config)):
-        run = load_run_config(args.config, args.overrides)
-        model, train, cluster, batch = run.model, run.train, run.cluster, run.train.global_batch_size
-    else:
-        model = load_config(args.config, ModelConfig, args.overrides)
-    return make_plan(model, args.gpus, args.gpu_memory_gb,
-                     seq_len=args.seq_len or (train.seq_len if batch else None),
-                     global_batch=args.global_batch or batch,
-                     precision=args.precision or train.precision,
-                     mfu=args.mfu or cluster.assumed_mfu, gpu_tflops=args.gpu_tflops or cluster.gpu_tflops)
+    model, run = load_model_or_run(args.config, args.overrides)
+    train, cluster = (run.train, run.cluster) if run else (None, ClusterConfig())
+    return make_plan(model, args.gpus, args.gpu_memory_gb, seq_len=args.seq_len,
+                     global_batch=args.global_batch or (train.global_batch_size if train else None),
+                     precision=args.precision or (train.precision if train else "bf16"),
+                     mfu=args.mfu or cluster.assumed_mfu, gpu_tflops=args.gpu_tflops or cluster.gpu_tflops,
+                     train=train)
 
 
 def format_plan(plan) -> str:
-    head = (f"{plan.model} on {plan.gpus} x {plan.gpu_memory_gb:g} GB GPUs: seq {plan.seq_len}, global batch "
-            f"{plan.global_batch_size} sequences ({plan.global_batch_size * plan.seq_len / 1e6:.2f}M tokens), {plan.precision}")
+    seq = f"seq {plan.seq_len}"
+    if plan.tokens_per_sequence != plan.seq_len or plan.targets_len != plan.seq_len:  # an encoder-decoder's example
+        seq = f"inputs {plan.seq_len}, targets {plan.targets_len} from {plan.tokens_per_sequence} raw tokens"
+    head = (f"{plan.model} on {plan.gpus} x {plan.gpu_memory_gb:g} GB GPUs: {seq}, global batch "
+            f"{plan.global_batch_size} sequences ({plan.global_batch_size * plan.tokens_per_sequence / 1e6:.2f}M "
+            f"tokens), {plan.precision}")
     lay, mem = plan.layout, plan.memory
     rows = [("weights", mem.weights), ("gradients", mem.grads), ("optimizer states", mem.optimizer),
             ("activations", mem.activations), ("MoE all-to-all buffers", mem.moe_all_to_all),

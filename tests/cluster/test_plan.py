@@ -31,7 +31,7 @@ def test_gpt3_175b_on_1024_gpus_is_feasible(capsys, repo_root):
 
 
 def test_switch_c_on_1024_gpus_is_feasible_with_expert_parallelism(capsys, repo_root):
-    code, plan = plan_json(capsys, str(repo_root / "configs/model/switch-c-2048.yaml"), "--gpus", "1024",
+    code, plan = plan_json(capsys, str(repo_root / "configs/model/switch-decoder-c-2048.yaml"), "--gpus", "1024",
                            "--gpu-memory-gb", "80")
     assert code == 0 and plan["feasible"]
     layout = plan["layout"]
@@ -66,7 +66,7 @@ def test_memory_shrinks_with_each_zero_stage_and_with_checkpointing(repo_root):
 
 
 def test_expert_parallelism_divides_expert_weights(repo_root):
-    cfg = load_model_config(repo_root / "configs/model/switch-base-128.yaml")
+    cfg = load_model_config(repo_root / "configs/model/switch-decoder-base-128.yaml")
     one = estimate_memory(cfg, Layout(0, 1, 64, 1, 1, False), 2048, "bf16")
     many = estimate_memory(cfg, Layout(0, 64, 64, 1, 1, False), 2048, "bf16")
     assert many.weights < one.weights / 4 and many.moe_all_to_all > 0 == one.moe_all_to_all
@@ -108,3 +108,76 @@ def test_construction_and_checkpoint_save_peaks_are_counted(repo_root):
     # Built partitioned: a 1024th of the bf16 weights, never the whole 350 GB.
     assert mem.construction == param_counts(cfg).total * 2 / 1024 + 4 * INIT_CHUNK
     assert mem.checkpoint_save < mem.step and mem.total == mem.step
+
+
+def test_t5_base_memory_terms_by_hand(repo_root):
+    """T5-Base (vocabulary 50358, dropout 0.1) on 8 GPUs in bf16, ZeRO-1, micro batch 4 of T5's 512 inputs
+    and 114 targets: every term written out."""
+    from trainer.model.counting import Example, param_counts
+
+    cfg = load_model_config(repo_root / "configs/model/t5-base.yaml")
+    n = param_counts(cfg).total
+    mem = estimate_memory(cfg, Layout(1, 1, 8, 4, 1, False), Example(512, 114, 568), "bf16")
+    assert (mem.weights, mem.grads, mem.optimizer) == (2 * n, 2 * n, 12 * n / 8)
+    d, ff, S, T = 768, 3072, 4 * 512, 4 * 114  # 12 heads of 64: attention width = d
+    encoder_block = 2 * S * (2 * d + 5 * d + 2 * d + ff) + 2 * S * d  # bf16 saves; ReLU keeps one hidden; masks
+    decoder_block = 2 * (T * (2 * d + 5 * d) + T * (2 * d + 3 * d) + S * 2 * d + T * (2 * d + ff)) + 3 * T * d
+    final_norms = 2 * 2 * (S + T) * d
+    relative_bias = 2 * 12 * (512 ** 2 + 2 * 114 ** 2)
+    logits = T * 50358 * (2 + 12)  # the targets' logits, and the loss's float32 buffers
+    assert mem.activations == 12 * encoder_block + 12 * decoder_block + final_norms + relative_bias + logits
+    assert mem.moe_all_to_all == 0 and mem.buffers == 4 * (-(-n // 10 ** 6) * 10 ** 6)
+
+
+def test_switch_base_128_memory_terms_by_hand(repo_root):
+    """Switch-Base-128 on 64 GPUs, experts over 8 (ZeRO-2): expert states split 8 ways then ZeRO over the 8
+    ranks holding the same experts; the Switch blocks keep the routed buffers and a float32 router."""
+    from trainer.model.counting import Example, param_counts
+
+    cfg = load_model_config(repo_root / "configs/model/switch-base-128.yaml")
+    counts = param_counts(cfg)
+    dense, expert = counts.total - counts.expert, counts.expert
+    mem = estimate_memory(cfg, Layout(2, 8, 64, 4, 1, False), Example(512, 114, 568), "bf16")
+    assert mem.weights == 2 * dense + 2 * expert / 8
+    assert mem.grads == pytest.approx(2 * dense / 64 + 2 * expert / 8 / 8)
+    assert mem.optimizer == pytest.approx(12 * dense / 64 + 12 * expert / 8 / 8)
+    d, ff, E, S, T = 768, 3072, 128, 4 * 512, 4 * 114
+
+    def switch_ffn(tokens):  # norm in/out and gathered output, routed slots (input, expert hidden pre/post)
+        return 2 * (3 * d * tokens + 1.25 * tokens * (d + 2 * ff)) + 4 * tokens * (2 * E + d)
+
+    encoder = {False: 2 * S * (9 * d + ff), True: 2 * S * 7 * d + switch_ffn(S)}
+    decoder_attention = 2 * (T * 7 * d + T * 5 * d + S * 2 * d)
+    decoder = {False: decoder_attention + 2 * T * (2 * d + ff), True: decoder_attention + switch_ffn(T)}
+    masks = 12 * 2 * S * d + 12 * 3 * T * d
+    blocks = 6 * sum(encoder.values()) + 6 * sum(decoder.values()) + masks
+    rest = 2 * 2 * (S + T) * d + 2 * 12 * (512 ** 2 + 2 * 114 ** 2) + T * 50358 * 14
+    assert mem.activations == pytest.approx(blocks + rest)
+    assert mem.moe_all_to_all == 2 * 1.25 * S * d * 2  # one Switch layer's tokens out and back, the encoder's
+
+
+def test_encoder_decoder_plan_counts_raw_tokens(capsys, repo_root):
+    """Step time from one example's FLOPs; tokens/s and the default batch in raw tokens, as the trainer logs them."""
+    from trainer.model.counting import Example, flops_per_example
+
+    code, plan = plan_json(capsys, str(repo_root / "configs/model/t5-base.yaml"), "--gpus", "8",
+                           "--gpu-memory-gb", "80")
+    assert code == 0 and plan["feasible"]
+    assert (plan["seq_len"], plan["targets_len"], plan["tokens_per_sequence"]) == (512, 114, 568)
+    assert plan["global_batch_size"] == 880  # GPT-3's 0.5M-token batch at this size: 0.5M / 568
+    cfg = load_model_config(repo_root / "configs/model/t5-base.yaml")
+    flops = flops_per_example(cfg, Example(512, 114, 568)) * 880
+    assert plan["flops_per_step"] == flops
+    assert plan["step_time_s"] == pytest.approx(flops / (8 * 312e12 * 0.4))
+    assert plan["tokens_per_s"] == pytest.approx(880 * 568 / plan["step_time_s"])
+    assert main(["plan", str(repo_root / "configs/train/tiny-switch-t5-cpu.yaml"), "--gpus", "2",
+                 "--gpu-memory-gb", "16"]) == 0
+    assert "inputs 64, targets 14 from 70 raw tokens" in capsys.readouterr().out
+
+
+def test_switch_c_encoder_decoder_needs_expert_parallelism(capsys, repo_root):
+    code, plan = plan_json(capsys, str(repo_root / "configs/model/switch-c-2048.yaml"), "--gpus", "1024",
+                           "--gpu-memory-gb", "80")
+    assert code == 0 and plan["feasible"]
+    # 1571B parameters: bf16 weights alone are 3.1 TB, so the experts must be split over many ranks.
+    assert plan["layout"]["ep_size"] >= 64 and plan["memory"]["total"] <= plan["budget_bytes"]

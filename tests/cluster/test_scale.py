@@ -14,6 +14,7 @@ import yaml
 from cluster.cli import main
 from cluster.configio import load_model_config, load_run_config
 from cluster.scale import scale_config
+from tests.trainer.conftest import encoding, shard_dir  # noqa: F401  (the trainer's shard fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(REPO.glob("configs/model/*.yaml")) + sorted(REPO.glob("configs/train/*.yaml"))
@@ -21,7 +22,11 @@ SHIPPED = sorted(REPO.glob("configs/model/*.yaml")) + sorted(REPO.glob("configs/
 
 def family(cfg) -> tuple:
     moe = cfg.moe
-    return (cfg.attention, cfg.pos_embedding, cfg.bias, cfg.vocab_size, round(cfg.ff_width / cfg.d_model, 1),
+    options = cfg.model_dump(include={"arch", "sinusoidal_layout", "relative_buckets", "relative_max_distance",
+                                      "attention_scaling", "norm", "norm_position", "activation", "tie_embeddings",
+                                      "scale_embeddings", "scale_decoder_output", "decoder_start_token_id", "init",
+                                      "dropout", "layer_norm_eps"})
+    return (options, cfg.attention, cfg.pos_embedding, cfg.bias, cfg.vocab_size, round(cfg.ff_width / cfg.d_model, 1),
             None if moe is None else (moe.every, moe.capacity_factor, moe.eval_capacity_factor, moe.jitter,
                                       moe.aux_loss_coef, moe.z_loss_coef, moe.expert_init_scale))
 
@@ -46,9 +51,38 @@ def test_scaled_config_keeps_the_family(path, target):
 
 def test_scale_writes_a_loadable_train_config(tmp_path, capsys):
     out = tmp_path / "scaled.yaml"
-    assert main(["scale", str(REPO / "configs/model/switch-c-2048.yaml"), "--target", "cpu", "--out", str(out)]) == 0
+    assert main(["scale", str(REPO / "configs/model/switch-decoder-c-2048.yaml"), "--target", "cpu", "--out",
+                 str(out)]) == 0
     run = load_run_config(out)
-    assert run.model.moe.every == 1 and run.model.moe.num_experts == 4 and run.model.name == "switch-c-2048-cpu"
+    assert run.model.moe.every == 1 and run.model.moe.num_experts == 4 and run.model.name == "switch-decoder-c-2048-cpu"
+
+
+@pytest.mark.parametrize("name,stacks", [("t5-large", (2, 2)), ("switch-c-2048", (2, 2)),
+                                          ("transformer-big", (2, 2))])
+def test_encoder_decoder_scales_both_stacks_and_keeps_its_objective(name, stacks):
+    run = scale_config(REPO / "configs/model" / f"{name}.yaml", "cpu")
+    assert (run.model.encoder_layers, run.model.n_layer) == stacks
+    assert run.model.head_dim * run.model.n_head == run.model.d_model == 64
+    assert run.train.objective == "span_corruption" and run.train.tokens_per_sequence == 70  # 64 inputs
+    asymmetric = scale_config(REPO / "configs/model/t5-base.yaml", "single-gpu", ["n_encoder_layer=24"])
+    assert (asymmetric.model.encoder_layers, asymmetric.model.n_layer) == (16, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["t5-base", "switch-base-128"])
+def test_scaled_encoder_decoder_trains(tmp_path, shard_dir, name):
+    """`pretrain scale` of a T5 and a Switch model gives a run config the trainer runs: 3 steps, loss logged."""
+    from tests.trainer.conftest import train_in_process
+
+    run = scale_config(REPO / "configs/model" / f"{name}.yaml", "cpu")
+    run.data.path, run.train.max_steps, run.logging.wandb_mode = str(shard_dir), 3, "disabled"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
+    assert train_in_process(run_dir) == 0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["loss"] > 0 for m in metrics)
+    assert ("aux_loss" in metrics[-1]) == (run.model.moe is not None)
 
 
 def distinct_scaled_configs(tmp_path: Path, data_dir: Path) -> dict[str, Path]:

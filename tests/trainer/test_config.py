@@ -15,6 +15,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODEL_YAMLS = sorted((CONFIGS / "model").glob("*.yaml"))
 GPT3_SIZES = ["125m", "350m", "760m", "1.3b", "2.7b", "6.7b", "13b", "175b"]
 SWITCH_SIZES = ["base-8", "base-128", "large-128", "c-2048"]
+ENCODER_DECODERS = ["transformer-base", "transformer-big", "t5-small", "t5-base", "t5-large",
+                    *(f"switch-{s}" for s in SWITCH_SIZES), "tiny-transformer", "tiny-t5", "tiny-switch-t5"]
 
 
 def write_run(tmp_path: Path, **sections) -> Path:
@@ -32,7 +34,8 @@ def write_run(tmp_path: Path, **sections) -> Path:
 
 def test_every_listed_config_is_shipped():
     names = {p.stem for p in MODEL_YAMLS}
-    expected = {f"gpt3-{s}" for s in GPT3_SIZES} | {f"switch-{s}" for s in SWITCH_SIZES} | {"tiny-gpt", "tiny-switch"}
+    expected = {f"gpt3-{s}" for s in GPT3_SIZES} | {f"switch-decoder-{s}" for s in SWITCH_SIZES} | \
+        {"tiny-gpt", "tiny-switch", *ENCODER_DECODERS}
     assert expected <= names
 
 
@@ -40,8 +43,12 @@ def test_every_listed_config_is_shipped():
 def test_model_configs_validate(path):
     cfg = load_model_config(path)
     assert cfg.d_model % cfg.n_head == 0
-    # GPT-2's vocabulary, plus the special ids the objective appends (trainer/special_tokens.py)
+    # GPT-2's vocabulary, plus the special ids the objective appends (trainer/special_tokens.py); an
+    # encoder-decoder starts its decoder from PAD.
+    assert cfg.arch == ("encoder_decoder" if cfg.name in ENCODER_DECODERS else "encoder" if "bert" in cfg.name
+                        else "decoder")
     assert cfg.vocab_size == {"decoder": 50257, "encoder_decoder": 50358, "encoder": 50361}[cfg.arch]
+    assert cfg.decoder_start_token_id == (50257 if cfg.arch == "encoder_decoder" else 0)
     if cfg.name.startswith("switch"):
         assert cfg.moe is not None and cfg.moe.eval_capacity_factor == 2.0
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from trainer.config import ModelConfig
+from trainer import span_corruption
+from trainer.config import ModelConfig, SpanCorruptionConfig, TrainConfig
 from trainer.masked_lm import PREDICT_RATE
 
 
@@ -79,27 +80,83 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
                        non_embedding=dense + expert - embedding, embedding=embedding, expert=expert)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None) -> float:
-    """Training FLOPs per token (forward + backward) = 6*N + 12 * sum over layers of attention width * ctx.
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: the positions the encoder reads (a decoder-only model: its sequence), the
+    positions the decoder predicts, and the raw tokens it takes from the shards (what the trainer's
+    `tokens`, tokens/s and MFU count: T5's span corruption turns 568 raw tokens into 512 inputs and 114
+    targets)."""
 
-    N is the active non-embedding parameter count (one expert per MoE layer) plus vocab*d_model
-    for the LM head matmul (tied, so not in N's parameters but still computed). The second term is
-    the attention score and value matmuls (Kaplan et al. 2020; PaLM's 12*L*d*T, causal masking
-    not discounted; the width is n_head * d_kv, d_model unless d_kv says otherwise): ctx = seq_len
-    (default n_ctx) for dense layers and min(local_window, seq_len) for GPT-3's banded layers.
-    An encoder-decoder's token is one input and one target position (both seq_len long): every
-    parameter is used once per token, and a decoder block attends twice (itself, then the encoder).
-    BERT attends over all T positions; its MLM head (dense layer and output matrix) runs at the 15% of
-    positions it predicts (it gathers them), and its pooler counts at every position (1/T too much).
-    """
-    T = seq_len or cfg.n_ctx
+    inputs: int
+    targets: int
+    raw_tokens: int
+
+
+def training_example(cfg: ModelConfig, seq_len: Optional[int] = None, train: Optional[TrainConfig] = None) -> Example:
+    """The example `train.objective` makes of `seq_len` (default train.seq_len, else n_ctx) input positions.
+    Without a train section an encoder-decoder is taken to train on span corruption at T5's settings."""
+    seq = seq_len or (train.seq_len if train is not None else cfg.n_ctx)
+    objective = train.objective if train is not None else "span_corruption"
+    if cfg.arch == "decoder" or objective == "causal_lm":
+        return Example(seq, seq, seq)
+    if cfg.arch == "encoder":  # [CLS] A [SEP] B [SEP]: three positions are not raw tokens
+        return Example(seq, seq, seq - 3)
+    s = train.span_corruption if train is not None else SpanCorruptionConfig()
+    raw, targets = span_corruption.random_spans_lengths(seq, s.noise_density, s.mean_noise_span_length)
+    return Example(seq, targets, raw)
+
+
+def _decoder_flops_per_token(cfg: ModelConfig, T: int) -> int:
+    banded = cfg.n_layer // 2 if cfg.attention == "alternating" else 0
+    ctx_sum = (cfg.n_layer - banded) * T + banded * min(cfg.local_window, T)
     counts = param_counts(cfg)
     n = counts.active - counts.embedding + cfg.vocab_size * cfg.d_model
-    if cfg.arch == "encoder":
-        n -= (1 - PREDICT_RATE) * cfg.d_model * (cfg.d_model + cfg.vocab_size)
-    if cfg.arch == "encoder_decoder":
-        ctx_sum = (cfg.encoder_layers + 2 * cfg.n_layer) * T
-    else:
-        banded = cfg.n_layer // 2 if cfg.attention == "alternating" else 0
-        ctx_sum = (cfg.n_layer - banded) * T + banded * min(cfg.local_window, T)
-    return 6.0 * n + 12.0 * cfg.n_head * cfg.head_dim * ctx_sum
+    return 6 * n + 12 * cfg.n_head * cfg.head_dim * ctx_sum
+
+
+def _encoder_decoder_flops(cfg: ModelConfig, ex: Example) -> int:
+    """Each stack's active parameters once per position of its own: the encoder's (and the decoder's
+    cross-attention keys and values) per input, the rest of the decoder and the head per target."""
+    S, T, layers = ex.inputs, ex.targets, _blocks(cfg)
+    encoder = sum(dense + one for dense, _, one in layers[:cfg.encoder_layers])
+    decoder = sum(dense + one for dense, _, one in layers[cfg.encoder_layers:])
+    final_norm = _norm_params(cfg) if cfg.norm_position == "pre" else 0
+    inner = cfg.n_head * cfg.head_dim
+    cross_kv = cfg.n_layer * (2 * cfg.d_model * inner + (2 * inner if cfg.bias else 0))
+    per_input = encoder + final_norm + cross_kv
+    per_target = decoder + final_norm - cross_kv + cfg.vocab_size * cfg.d_model
+    scores = cfg.encoder_layers * S * S + cfg.n_layer * (T * T + T * S)  # query-key pairs of all attentions
+    return 6 * (per_input * S + per_target * T) + 12 * inner * scores
+
+
+def flops_per_example(cfg: ModelConfig, ex: Example) -> int:
+    """Training FLOPs (forward + backward) of one example: 6 FLOPs per active parameter and position that
+    uses it, plus 12 per query-key pair and attention channel (the score and value matmuls)."""
+    if cfg.arch == "decoder":
+        return _decoder_flops_per_token(cfg, ex.inputs) * ex.inputs
+    if cfg.arch == "encoder":  # BERT's MLM head (dense layer and output matrix) runs only where it predicts
+        unpredicted = (1 - PREDICT_RATE) * cfg.d_model * (cfg.d_model + cfg.vocab_size)
+        return (_decoder_flops_per_token(cfg, ex.inputs) - 6 * unpredicted) * ex.inputs
+    return _encoder_decoder_flops(cfg, ex)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None, train: Optional[TrainConfig] = None) -> float:
+    """Training FLOPs (forward + backward) per raw token: `flops_per_example` over the example's raw tokens,
+    the tokens the trainer's MFU counts.
+
+    Decoder: 6*N + 12 * sum over layers of attention width * ctx, where N is the active non-embedding
+    parameter count (one expert per MoE layer) plus vocab*d_model for the LM head matmul (tied, so
+    not in N's parameters but still computed). The second term is the attention score and value
+    matmuls (Kaplan et al. 2020; PaLM's 12*L*d*T, causal masking not discounted; the width is
+    n_head * d_kv, d_model unless d_kv says otherwise): ctx = seq_len (default n_ctx) for dense
+    layers and min(local_window, seq_len) for GPT-3's banded layers.
+    Encoder-decoder: the encoder's parameters (and each decoder block's cross-attention key and value
+    projections, which read the encoder's output) count once per input position, the rest of the
+    decoder and the head once per target position; each encoder layer attends inputs x inputs, each
+    decoder layer targets x targets and targets x inputs. Without a train config the example is T5's
+    span corruption of seq_len inputs (512 -> 114 targets from 568 raw tokens).
+    BERT: the decoder's formula over all T positions (attention is bidirectional, not cheaper), less the
+    MLM head at the 85% of positions it does not predict; its pooler counts at every position.
+    """
+    ex = training_example(cfg, seq_len, train)
+    return flops_per_example(cfg, ex) / ex.raw_tokens
