@@ -36,15 +36,15 @@ def test_flops_per_token_is_six_n_plus_attention(capsys):
 
 
 def test_switch_active_params_are_a_fraction_of_total(capsys):
-    out = info(capsys, str(CONFIGS / "model" / "switch-decoder-c-2048.yaml"))
+    out = info(capsys, str(CONFIGS / "model" / "switch-c-2048.yaml"))
     # The decoder-only Switch-C holds half of the paper's 1571B encoder-decoder's experts.
     assert 0.7e12 < out["params_total"] < 0.85e12
     assert out["params_active"] < out["params_total"] / 500
     assert out["params_expert"] > 0.99 * out["params_total"]
 
 
-@pytest.mark.parametrize("name,paper,active", [("t5-base", 220e6, 220e6), ("switch-base-8", None, 223e6),
-                                               ("switch-c-2048", 1571e9, 1.73e9)])
+@pytest.mark.parametrize("name,paper,active", [("t5-base", 220e6, 220e6), ("switch-t5-base-8", None, 223e6),
+                                               ("switch-t5-c-2048", 1571e9, 1.73e9)])
 def test_encoder_decoder_counts_at_the_papers_vocabulary(capsys, name, paper, active):
     out = info(capsys, str(CONFIGS / "model" / f"{name}.yaml"), "--set", "vocab_size=32128",
                "--set", "decoder_start_token_id=0")
@@ -55,12 +55,12 @@ def test_encoder_decoder_counts_at_the_papers_vocabulary(capsys, name, paper, ac
 
 
 def test_encoder_decoder_info_shows_stacks_experts_and_the_example(capsys):
-    out = info(capsys, str(CONFIGS / "model" / "switch-base-128.yaml"))
+    out = info(capsys, str(CONFIGS / "model" / "switch-t5-base-128.yaml"))
     assert (out["n_encoder_layer"], out["n_layer"], out["num_experts"], out["moe_layers"]) == (12, 12, 128, 12)
     # T5's span corruption at n_ctx 512: 568 raw tokens make 512 inputs and 114 targets; FLOPs per raw token.
     assert (out["seq_len"], out["targets_len"], out["tokens_per_sequence"]) == (512, 114, 568)
     assert out["flops_per_token"] == pytest.approx(out["flops_per_sequence"] / 568)
-    assert main(["model", "info", str(CONFIGS / "model" / "switch-base-128.yaml")]) == 0
+    assert main(["model", "info", str(CONFIGS / "model" / "switch-t5-base-128.yaml")]) == 0
     text = capsys.readouterr().out
     assert "12 encoder + 12 decoder" in text and "128 in each of 12 Switch layers" in text
     assert "inputs 512, targets 114 (568 raw tokens)" in text

@@ -31,7 +31,7 @@ def test_gpt3_175b_on_1024_gpus_is_feasible(capsys, repo_root):
 
 
 def test_switch_c_on_1024_gpus_is_feasible_with_expert_parallelism(capsys, repo_root):
-    code, plan = plan_json(capsys, str(repo_root / "configs/model/switch-decoder-c-2048.yaml"), "--gpus", "1024",
+    code, plan = plan_json(capsys, str(repo_root / "configs/model/switch-c-2048.yaml"), "--gpus", "1024",
                            "--gpu-memory-gb", "80")
     assert code == 0 and plan["feasible"]
     layout = plan["layout"]
@@ -66,7 +66,7 @@ def test_memory_shrinks_with_each_zero_stage_and_with_checkpointing(repo_root):
 
 
 def test_expert_parallelism_divides_expert_weights(repo_root):
-    cfg = load_model_config(repo_root / "configs/model/switch-decoder-base-128.yaml")
+    cfg = load_model_config(repo_root / "configs/model/switch-base-128.yaml")
     one = estimate_memory(cfg, Layout(0, 1, 64, 1, 1, False), 2048, "bf16")
     many = estimate_memory(cfg, Layout(0, 64, 64, 1, 1, False), 2048, "bf16")
     assert many.weights < one.weights / 4 and many.moe_all_to_all > 0 == one.moe_all_to_all
@@ -134,7 +134,7 @@ def test_switch_base_128_memory_terms_by_hand(repo_root):
     ranks holding the same experts; the Switch blocks keep the routed buffers and a float32 router."""
     from trainer.model.counting import Example, param_counts
 
-    cfg = load_model_config(repo_root / "configs/model/switch-base-128.yaml")
+    cfg = load_model_config(repo_root / "configs/model/switch-t5-base-128.yaml")
     counts = param_counts(cfg)
     dense, expert = counts.total - counts.expert, counts.expert
     mem = estimate_memory(cfg, Layout(2, 8, 64, 4, 1, False), Example(512, 114, 568), "bf16")
@@ -176,7 +176,7 @@ def test_encoder_decoder_plan_counts_raw_tokens(capsys, repo_root):
 
 
 def test_switch_c_encoder_decoder_needs_expert_parallelism(capsys, repo_root):
-    code, plan = plan_json(capsys, str(repo_root / "configs/model/switch-c-2048.yaml"), "--gpus", "1024",
+    code, plan = plan_json(capsys, str(repo_root / "configs/model/switch-t5-c-2048.yaml"), "--gpus", "1024",
                            "--gpu-memory-gb", "80")
     assert code == 0 and plan["feasible"]
     # 1571B parameters: bf16 weights alone are 3.1 TB, so the experts must be split over many ranks.

@@ -51,13 +51,13 @@ def test_scaled_config_keeps_the_family(path, target):
 
 def test_scale_writes_a_loadable_train_config(tmp_path, capsys):
     out = tmp_path / "scaled.yaml"
-    assert main(["scale", str(REPO / "configs/model/switch-decoder-c-2048.yaml"), "--target", "cpu", "--out",
+    assert main(["scale", str(REPO / "configs/model/switch-c-2048.yaml"), "--target", "cpu", "--out",
                  str(out)]) == 0
     run = load_run_config(out)
-    assert run.model.moe.every == 1 and run.model.moe.num_experts == 4 and run.model.name == "switch-decoder-c-2048-cpu"
+    assert run.model.moe.every == 1 and run.model.moe.num_experts == 4 and run.model.name == "switch-c-2048-cpu"
 
 
-@pytest.mark.parametrize("name,stacks", [("t5-large", (2, 2)), ("switch-c-2048", (2, 2)),
+@pytest.mark.parametrize("name,stacks", [("t5-large", (2, 2)), ("switch-t5-c-2048", (2, 2)),
                                           ("transformer-big", (2, 2))])
 def test_encoder_decoder_scales_both_stacks_and_keeps_its_objective(name, stacks):
     run = scale_config(REPO / "configs/model" / f"{name}.yaml", "cpu")
@@ -69,7 +69,7 @@ def test_encoder_decoder_scales_both_stacks_and_keeps_its_objective(name, stacks
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["t5-base", "switch-base-128"])
+@pytest.mark.parametrize("name", ["t5-base", "switch-t5-base-128"])
 def test_scaled_encoder_decoder_trains(tmp_path, shard_dir, name):
     """`pretrain scale` of a T5 and a Switch model gives a run config the trainer runs: 3 steps, loss logged."""
     from tests.trainer.conftest import train_in_process

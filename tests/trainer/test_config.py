@@ -16,7 +16,7 @@ MODEL_YAMLS = sorted((CONFIGS / "model").glob("*.yaml"))
 GPT3_SIZES = ["125m", "350m", "760m", "1.3b", "2.7b", "6.7b", "13b", "175b"]
 SWITCH_SIZES = ["base-8", "base-128", "large-128", "c-2048"]
 ENCODER_DECODERS = ["transformer-base", "transformer-big", "t5-small", "t5-base", "t5-large",
-                    *(f"switch-{s}" for s in SWITCH_SIZES), "tiny-transformer", "tiny-t5", "tiny-switch-t5"]
+                    *(f"switch-t5-{s}" for s in SWITCH_SIZES), "tiny-transformer", "tiny-t5", "tiny-switch-t5"]
 
 
 def write_run(tmp_path: Path, **sections) -> Path:
@@ -34,7 +34,7 @@ def write_run(tmp_path: Path, **sections) -> Path:
 
 def test_every_listed_config_is_shipped():
     names = {p.stem for p in MODEL_YAMLS}
-    expected = {f"gpt3-{s}" for s in GPT3_SIZES} | {f"switch-decoder-{s}" for s in SWITCH_SIZES} | \
+    expected = {f"gpt3-{s}" for s in GPT3_SIZES} | {f"switch-{s}" for s in SWITCH_SIZES} | \
         {"tiny-gpt", "tiny-switch", *ENCODER_DECODERS}
     assert expected <= names
 
@@ -54,8 +54,8 @@ def test_model_configs_validate(path):
 
 
 def test_switch_expert_frequency():
-    base = load_model_config(CONFIGS / "model" / "switch-base-128.yaml")
-    c = load_model_config(CONFIGS / "model" / "switch-c-2048.yaml")
+    base = load_model_config(CONFIGS / "model" / "switch-t5-base-128.yaml")
+    c = load_model_config(CONFIGS / "model" / "switch-t5-c-2048.yaml")
     assert [base.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
     assert all(c.is_moe_layer(i) for i in range(c.n_layer))
     assert c.moe.num_experts == 2048 and c.d_model == 2080

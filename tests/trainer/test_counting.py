@@ -110,9 +110,9 @@ ENCDEC_PUBLISHED = {
     "t5-small": (32128, 60e6, None),
     "t5-base": (32128, 220e6, None),
     "t5-large": (32128, 770e6, 737_668_096),  # the released t5-large (transformers counts the same)
-    "switch-base-128": (32128, 7e9, 7_415_217_408),  # Table 9 prints whole billions: 7.4B reads as 7B
-    "switch-large-128": (32128, 26e9, None),
-    "switch-c-2048": (32128, 1571e9, None),
+    "switch-t5-base-128": (32128, 7e9, 7_415_217_408),  # Table 9 prints whole billions: 7.4B reads as 7B
+    "switch-t5-large-128": (32128, 26e9, None),
+    "switch-t5-c-2048": (32128, 1571e9, None),
 }
 
 
@@ -134,8 +134,8 @@ def test_encoder_decoder_sizes_match_the_papers(name):
 
 def test_switch_active_parameters_are_the_dense_models():
     """A Switch model's parameters per token are its T5's plus a router per Switch layer (Fedus et al.: equal FLOPs)."""
-    for switch, dense in (("switch-base-8", "t5-base"), ("switch-base-128", "t5-base"),
-                          ("switch-large-128", "t5-large")):
+    for switch, dense in (("switch-t5-base-8", "t5-base"), ("switch-t5-base-128", "t5-base"),
+                          ("switch-t5-large-128", "t5-large")):
         s, d = at_paper_vocab(switch, 32128), at_paper_vocab(dense, 32128)
         moe_layers = s.encoder_layers // 2 + s.n_layer // 2
         assert param_counts(s).active == param_counts(d).total + moe_layers * s.d_model * s.moe.num_experts
