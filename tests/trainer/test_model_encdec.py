@@ -231,3 +231,24 @@ def test_switch_encoder_decoder_resumes_exactly(tmp_path, shard_dir):
     assert train_in_process(stopped) == 0
     expected, resumed = read_metrics(straight), read_metrics(stopped)
     assert [resumed[s]["loss"] for s in range(1, 9)] == [expected[s]["loss"] for s in range(1, 9)]
+
+
+@pytest.mark.slow
+def test_pretrain_eval_of_a_span_corruption_run(tmp_path, shard_dir, shared_data):
+    """`pretrain eval` on a tiny T5 checkpoint: span-corruption loss and perplexity over held-out documents,
+    counted over the targets (14 per sequence of 64 inputs), the same at every call."""
+    import math
+
+    from tests.trainer.conftest import make_run, train_in_process
+    from trainer.eval import evaluate
+
+    run = make_run(tmp_path / "run", shard_dir, model="tiny-t5", checkpoint={"interval": 3},
+                   train={"max_steps": 3, "seq_len": 64, "objective": "span_corruption"})
+    assert train_in_process(run) == 0
+    tokenizer = str(shared_data / "tokenizer" / "gpt2" / "r50k_base.tiktoken")
+    result = evaluate(run, tokenizer, max_batches=2)
+    assert result["heldout_tokens"] == 2 * 4 * 14
+    assert not result.get("few_shot")  # the few-shot tasks are for causal LMs
+    assert math.isclose(result["heldout_perplexity"], math.exp(result["heldout_loss"]))
+    assert 5.0 < result["heldout_loss"] < math.log(50358) + 1
+    assert evaluate(run, tokenizer, max_batches=2)["heldout_loss"] == result["heldout_loss"]
