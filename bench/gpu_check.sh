@@ -18,7 +18,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-CHECKS=${CHECKS:-gpt3-small-step trainer-gpt3-small trainer-tiny-switch switch-layer plan-accuracy}
+CHECKS=${CHECKS:-gpt3-small-step trainer-gpt3-small trainer-tiny-switch switch-layer plan-accuracy eval-cuda eval-cpu}
 step() {  # step NAME TIMEOUT COMMAND...: runs one check, logs it, goes on when it fails
   local name=$1 limit=$2; shift 2
   case " $CHECKS " in *" $name "*) ;; *) return 0 ;; esac
@@ -50,4 +50,9 @@ step switch-layer 90 $PY bench/model_step.py --part moe --device cuda --repeats 
 # 5. The planner's memory estimate against torch.cuda.max_memory_allocated.
 step plan-accuracy 90 $PY bench/plan_accuracy.py configs/train/gpt3-125m.yaml configs/train/tiny-switch-cpu.yaml \
   --device cuda --engine deepspeed --json
+# 6. `pretrain eval` batched on the GPU, then the same eval on the CPU: the same numbers (needs check 2's run).
+for device in cuda cpu; do
+  step "eval-$device" 300 $PY -m cluster.cli eval "$RUNS/gpt3-125m" --device $device --batch-size 16 --max-batches 8 \
+    --examples 20 --json
+done
 exit 0

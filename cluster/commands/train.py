@@ -1,5 +1,5 @@
-"""`pretrain train`, `pretrain eval`, `pretrain export hf` and `pretrain checkpoint consolidate`: the
-trainer's commands."""
+"""`pretrain train`, `pretrain eval`, `pretrain lm-eval`, `pretrain export hf` and `pretrain checkpoint
+consolidate`: the trainer's commands."""
 from __future__ import annotations
 
 import argparse
@@ -20,11 +20,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="held-out loss/perplexity and few-shot accuracy of a checkpoint")
     ev.add_argument("path", help="a run dir (its newest complete checkpoint) or a checkpoint dir")
     ev.add_argument("--tokenizer", default=None, help="a .tiktoken file; default: the manifest's vocab_file, else tiktoken by name")
-    ev.add_argument("--max-batches", type=int, default=20, help="held-out micro-batches to score")
+    ev.add_argument("--max-batches", type=int, default=20,
+                    help="held-out micro-batches (of train.micro_batch_size windows) to score")
     ev.add_argument("--examples", type=int, default=50, help="examples per few-shot task")
     ev.add_argument("--shots", default="0,1,5", help="shot counts, comma-separated")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="windows or examples per forward pass (default: the run's train.micro_batch_size)")
+    ev.add_argument("--device", default=None, help="torch device, e.g. cuda:1 or cpu (default: cuda when available)")
     ev.add_argument("--json", action="store_true", help="print JSON only")
     ev.set_defaults(func=run_eval)
+
+    # lm-eval's own options follow: "+" as this parser's prefix keeps argparse from reading them.
+    harness = sub.add_parser("lm-eval", add_help=False, prefix_chars="+",
+                             help="lm-evaluation-harness on a checkpoint: pretrain lm-eval --model pretrain "
+                                  "--model_args checkpoint=RUN_DIR --tasks ... (lm-eval's options; --help for them)")
+    harness.add_argument("args", nargs=argparse.REMAINDER)
+    harness.set_defaults(func=run_lm_eval)
 
     export = sub.add_parser("export", help="export a checkpoint to another format")
     esub = export.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
@@ -60,7 +71,8 @@ def run_eval(args) -> int:
     from trainer.eval import evaluate
 
     shots = tuple(int(s) for s in args.shots.split(","))
-    result = evaluate(args.path, args.tokenizer, args.max_batches, args.examples, shots)
+    result = evaluate(args.path, args.tokenizer, args.max_batches, args.examples, shots, batch_size=args.batch_size,
+                      device=args.device)
     (Path(result["checkpoint"]) / "eval.json").write_text(json.dumps(result, indent=1))
     if args.json:
         print(json.dumps(result, indent=1))
@@ -70,6 +82,19 @@ def run_eval(args) -> int:
     for task, accs in result.get("few_shot", {}).items():  # none for span corruption
         cells = "  ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items())
         print(f"  {task:<16} {cells}  (n={result['few_shot_examples'][task]})")
+    return 0
+
+
+def run_lm_eval(args) -> int:
+    from cluster.errors import ClusterError
+
+    try:
+        from trainer.harness import main
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise ClusterError("lm-eval is not installed: pip install 'pretrain[eval]'") from None
+    main(args.args)
     return 0
 
 
