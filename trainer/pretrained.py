@@ -1,12 +1,15 @@
-"""A trained model from a checkpoint, for everything that uses one outside training (eval, export)."""
+"""A trained model from a checkpoint, for everything that uses one outside training (eval, export, sample)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
 
+from shard_format import ManifestError, TokenizerRecord
+from shard_format import load_manifest as load_shard_manifest
 from trainer import checkpoint
 from trainer.config import RunConfig
+from trainer.errors import TrainError
 
 
 def load_pretrained(path: str | Path):
@@ -18,3 +21,11 @@ def load_pretrained(path: str | Path):
     model = model_for(cfg.model)
     checkpoint.load_into(model, step_dir)
     return model.eval(), cfg, step_dir
+
+
+def recorded_tokenizer(cfg: RunConfig) -> TokenizerRecord:
+    """The tokenizer the run's data manifest records (name, vocab size, end-of-text id, vocabulary file)."""
+    try:
+        return load_shard_manifest(cfg.data.path)["tokenizer"]
+    except ManifestError as e:
+        raise TrainError(f"data.path: {e} (the run's tokenizer is recorded there)") from None

@@ -1,5 +1,5 @@
-"""`pretrain train`, `pretrain eval`, `pretrain lm-eval`, `pretrain export hf` and `pretrain checkpoint
-consolidate`: the trainer's commands."""
+"""`pretrain train`, `pretrain eval`, `pretrain lm-eval`, `pretrain export hf`, `pretrain sample` and
+`pretrain checkpoint consolidate`: the trainer's commands."""
 from __future__ import annotations
 
 import argparse
@@ -39,10 +39,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     export = sub.add_parser("export", help="export a checkpoint to another format")
     esub = export.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
-    hf = esub.add_parser("hf", help="a Hugging Face transformers GPT-2 model directory (dense models)")
+    hf = esub.add_parser("hf", help="a Hugging Face transformers model directory with the run's tokenizer",
+                         description="GPT2LMHeadModel, GPTNeoForCausalLM (alternating attention), a trust_remote_code "
+                                     "model (decoder-only Switch), T5 / SwitchTransformers / Marian (encoder-decoders) "
+                                     "or BertForPreTraining; written only when its logits equal the checkpoint's.")
     hf.add_argument("checkpoint", help="a run dir or checkpoint dir")
-    hf.add_argument("out_dir", type=Path)
+    hf.add_argument("out_dir", type=Path, help="a new (or empty) directory")
     hf.set_defaults(func=run_export_hf)
+
+    sample = sub.add_parser("sample", help="generate text from a checkpoint (KV cache; the GPU when there is one)",
+                            description="Continues --prompt (an encoder-decoder reads it as its input); stops after "
+                                        "--max-new-tokens or at end-of-text. The generated text goes to stdout, "
+                                        "timing to stderr.")
+    sample.add_argument("checkpoint", help="a run dir (its newest complete checkpoint) or a checkpoint dir")
+    sample.add_argument("--prompt", required=True, help="text; <extra_id_N> and <pad> are those tokens")
+    sample.add_argument("--max-new-tokens", type=int, default=50)
+    sample.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    sample.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=run_sample)
 
     ckpt = sub.add_parser("checkpoint", help="work with checkpoints")
     csub = ckpt.add_subparsers(dest="checkpoint_command", metavar="COMMAND", required=True)
@@ -101,8 +116,20 @@ def run_lm_eval(args) -> int:
 def run_export_hf(args) -> int:
     from trainer.export import export_hf
 
-    out = export_hf(args.checkpoint, args.out_dir)
-    print(f"wrote {out} (transformers GPT2LMHeadModel; logits checked against the checkpoint)")
+    out, class_name = export_hf(args.checkpoint, args.out_dir)
+    print(f"wrote {out} (transformers {class_name} and the run's tokenizer; logits checked against the checkpoint)")
+    return 0
+
+
+def run_sample(args) -> int:
+    import sys
+
+    from trainer.sample import sample_checkpoint
+
+    s = sample_checkpoint(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(f"{len(s.ids)} tokens in {s.seconds:.2f} s ({len(s.ids) / s.seconds:.1f} tokens/s, {s.device})",
+          file=sys.stderr)
+    print(s.text)
     return 0
 
 

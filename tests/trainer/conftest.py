@@ -89,6 +89,20 @@ def shard_dir(tmp_path_factory, shared_data, encoding) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def recorded_shard_dir(tmp_path_factory, shard_dir, shared_data) -> Path:
+    """shard_dir's shards, with the manifest recording the GPT-2 ranks file (path and sha256) as a data run
+    does, so the tokenizer loads offline (sample, export)."""
+    out = tmp_path_factory.mktemp("recorded")
+    for source in ("books", "wiki"):
+        (out / source).symlink_to(shard_dir / source)
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    ranks = shared_data / "tokenizer" / "gpt2" / "r50k_base.tiktoken"
+    manifest["tokenizer"].update(vocab_file=str(ranks), vocab_sha256=hashlib.sha256(ranks.read_bytes()).hexdigest())
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
 def make_run(run_dir: Path, data_dir: Path, model: str = "tiny-gpt", model_overrides: dict = None, **sections) -> Path:
     """Write RUN/config.yaml: the tiny model, TINY_TRAIN, and any section overrides."""
     model_cfg = yaml.safe_load((REPO / "configs" / "model" / f"{model}.yaml").read_text())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,29 +66,22 @@ def write_tasks(task_dir: Path, documents: dict[str, list[dict]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, shard_dir) -> Path:
+def run(tmp_path_factory, recorded_shard_dir) -> Path:
     """A tiny GPT that GPT-2 can express, 64 positions (so long contexts are truncated and long texts take
     several windows), trained 3 steps: its greedy continuations still differ from prompt to prompt."""
-    run = make_run(tmp_path_factory.mktemp("lm-eval") / "run", shard_dir,
+    run = make_run(tmp_path_factory.mktemp("lm-eval") / "run", recorded_shard_dir,
                    model_overrides={"attention": "dense", "n_ctx": N_CTX}, train={"max_steps": 3, "seq_len": 32})
     assert train_in_process(run) == 0
     return run
 
 
 @pytest.fixture(scope="module")
-def exported(run, shared_data, tmp_path_factory) -> tuple[Path, Path]:
-    """(the run's `pretrain export hf` directory, GPT-2's tokenizer as transformers saves it)."""
-    from transformers import GPT2Tokenizer
-
+def exported(run, tmp_path_factory) -> tuple[Path, Path]:
+    """(the run's `pretrain export hf` directory, its tokenizer: the same directory, which the export writes)."""
     from trainer.export import export_hf
 
-    out = tmp_path_factory.mktemp("exported")
-    gpt2, files = shared_data / "tokenizer" / "gpt2", out / "gpt2-files"
-    files.mkdir()
-    shutil.copy(gpt2 / "encoder.json", files / "vocab.json")
-    shutil.copy(gpt2 / "vocab.bpe", files / "merges.txt")
-    GPT2Tokenizer.from_pretrained(files).save_pretrained(out / "tokenizer")
-    return export_hf(run, out / "model"), out / "tokenizer"
+    out, _ = export_hf(run, tmp_path_factory.mktemp("exported") / "model")
+    return out, out
 
 
 def tiktoken_file(shared_data: Path) -> str:

@@ -1,5 +1,6 @@
 """Multi-head attention: causal (dense or GPT-3's locally banded), bidirectional, or cross-attention
-over an encoder's output, optionally with an additive position bias (T5's relative buckets).
+over an encoder's output, optionally with an additive position bias (T5's relative buckets); and the
+key-value cache that decoding one token at a time reads and extends.
 
 Every kind goes through `F.scaled_dot_product_attention`, so PyTorch picks the fused kernel
 for the device. Dense causal layers pass `is_causal=True` (no mask tensor at all); banded layers
@@ -20,15 +21,46 @@ from trainer.config import ModelConfig
 
 
 @functools.lru_cache(maxsize=16)
-def banded_causal_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """(T, T) bool mask, True where query i may attend key j: i - window < j <= i.
+def banded_causal_mask(seq_len: int, window: Optional[int], device: torch.device, past: int = 0) -> torch.Tensor:
+    """(T, past + T) bool mask, True where query i, at position past + i, may attend key j:
+    past + i - window < j <= past + i (window None: no lower bound, for decoding after `past` cached keys).
 
     Each query sees itself and the `window - 1` tokens before it. Cached because every banded
     layer of every step asks for the same mask; callers must not modify it.
     """
-    i = torch.arange(seq_len, device=device)
-    offset = i[:, None] - i[None, :]
-    return (offset >= 0) & (offset < window)
+    offset = (past + torch.arange(seq_len, device=device))[:, None] - torch.arange(past + seq_len, device=device)
+    return (offset >= 0) & (offset < (window or past + seq_len))
+
+
+class LayerCache:
+    """One attention layer's keys and values so far, each (B, n_head, L, head_dim): self-attention appends
+    every call's; cross-attention projects the encoder's output into it once."""
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """What decoding keeps between steps: every decoder layer's self-attention (and cross-attention) cache,
+    and an encoder-decoder's encoder output. len() is the number of tokens decoded so far."""
+
+    def __init__(self, n_layer: int, cross: bool = False):
+        self.self_attn = [LayerCache() for _ in range(n_layer)]
+        self.cross_attn = [LayerCache() for _ in range(n_layer)] if cross else []
+        self.memory: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.self_attn[0])
 
 
 class Attention(nn.Module):
@@ -58,24 +90,45 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(self.inner, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                bias: Optional[torch.Tensor] = None, cache: Optional[LayerCache] = None) -> torch.Tensor:
         """x (B, T, d); memory (B, S, d) for cross-attention; bias (1 or B, n_head, T, S), added to the
-        scores, -inf where a query must not look (the caller folds causal masking in)."""
+        scores, -inf where a query must not look (the caller folds causal masking in); cache when decoding:
+        x's tokens follow the cached ones (S counts those too)."""
         B, T, _ = x.shape
+        q, k, v = self.project(x, memory, cache)
+        dropout_p = self.dropout if self.training else 0.0
+        mask, is_causal = bias, self.causal and memory is None and bias is None
+        if is_causal:
+            past = k.shape[2] - T
+            # A band at least as long as the keys is plain causal attention: that keeps the fast path.
+            band = self.window if self.window is not None and past + T > self.window else None
+            if T == 1 and band is None:  # one query that sees every key
+                is_causal = False
+            elif past or band:
+                mask, is_causal = banded_causal_mask(T, band, x.device, past), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                           scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.inner))
+
+    def project(self, x: torch.Tensor, memory: Optional[torch.Tensor],
+                cache: Optional[LayerCache]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries of x and the keys and values attended to, each (B, n_head, L, head_dim): x's after the
+        cached ones (self-attention), or memory's, projected on a cache's first call only (cross-attention)."""
         if self.fused_qkv:
             q, k, v = self.c_attn(x).split(self.inner, dim=2)
         else:
             q = self.q_attn(x)
+            if memory is not None and cache is not None and len(cache):
+                return self.heads(q), cache.k, cache.v
             k, v = self.c_attn(x if memory is None else memory).split(self.inner, dim=2)
-        q, k, v = (t.view(B, t.shape[1], self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        dropout_p = self.dropout if self.training else 0.0
-        mask, is_causal = bias, self.causal and memory is None and bias is None
-        if is_causal and self.window is not None and T > self.window:
-            # A band at least as long as the sequence is plain causal attention: that keeps the fast path.
-            mask, is_causal = banded_causal_mask(T, self.window, x.device), False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                                           scale=self.scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.inner))
+        q, k, v = self.heads(q), self.heads(k), self.heads(v)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        return q, k, v
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, L, n_head * head_dim) -> (B, n_head, L, head_dim)."""
+        return t.view(t.shape[0], t.shape[1], self.n_head, self.head_dim).transpose(1, 2)
 
 
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int,
@@ -109,8 +162,10 @@ class RelativePositionBias(nn.Module):
         self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
         self.table = nn.Embedding(cfg.relative_buckets, cfg.n_head)
 
-    def forward(self, q_len: int, k_len: int) -> torch.Tensor:
+    def forward(self, q_len: int, k_len: int, q_offset: int = 0) -> torch.Tensor:
+        """Queries at positions q_offset.., keys at 0..k_len - 1 (decoding puts the queries after the cache)."""
         device = self.table.weight.device
-        relative = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]
+        queries = q_offset + torch.arange(q_len, device=device)
+        relative = torch.arange(k_len, device=device)[None, :] - queries[:, None]
         bucket = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
         return self.table(bucket).permute(2, 0, 1).unsqueeze(0)

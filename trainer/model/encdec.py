@@ -10,8 +10,10 @@ ReLU (v1.0) or gated GELU (v1.1), and `moe` for Switch. Attention, MLP and the S
 GPT's own (attention.py, gpt.py, moe.py). Written for one device, like gpt.py.
 
 model(inputs, targets) shifts the targets right behind `decoder_start_token_id` to make the
-decoder's inputs; model(inputs, decoder_inputs=ids) takes them as given (teacher forcing,
-step-by-step decoding without a cache). There is no encoder-only call.
+decoder's inputs; model(inputs, decoder_inputs=ids) takes them as given (teacher forcing);
+model(inputs, decoder_inputs=ids, cache=model.new_cache()) decodes: the encoder runs on the first
+call only, cross-attention projects its output once, and each call's ids continue the cached ones.
+There is no encoder-only call.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.model.attention import Attention, RelativePositionBias
+from trainer.model.attention import Attention, KVCache, LayerCache, RelativePositionBias
 from trainer.model.gpt import MLP, GPTOutput, lm_output, residual_init_std, sinusoidal_positions
 from trainer.model.moe import MoEStats, SwitchFFN, draw_
 
@@ -67,13 +69,16 @@ class Block(nn.Module):
         x = x + self.drop(h)
         return norm(x) if self.post_norm else x
 
-    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[MoEStats]]:
-        x = self._add(x, self.attn(self._branch_input(x, self.ln_1), bias=bias), self.ln_1)
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
+                cache: Optional[tuple[LayerCache, LayerCache]] = None) -> tuple[torch.Tensor, Optional[MoEStats]]:
+        """cache: decoding, this block's (self-attention, cross-attention) caches."""
+        self_cache, cross_cache = cache or (None, None)
+        x = self._add(x, self.attn(self._branch_input(x, self.ln_1), bias=bias, cache=self_cache), self.ln_1)
         if memory is not None:
-            x = self._add(x, self.cross_attn(self._branch_input(x, self.ln_cross), memory), self.ln_cross)
+            h = self.cross_attn(self._branch_input(x, self.ln_cross), memory, cache=cross_cache)
+            x = self._add(x, h, self.ln_cross)
         h = self._branch_input(x, self.ln_2)
-        h, stats = self.mlp(h) if self.is_moe else (self.mlp(h), None)
+        h, stats = self.mlp(h, decoding=cache is not None) if self.is_moe else (self.mlp(h), None)
         return self._add(x, h, self.ln_2), stats
 
 
@@ -92,21 +97,23 @@ class Stack(nn.Module):
         self.ln_f = make_norm(cfg) if cfg.norm_position == "pre" else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def position_bias(self, T: int) -> Optional[torch.Tensor]:
-        """(1, n_head, T, T) relative bias, -inf above the diagonal in the decoder; None without one."""
+    def position_bias(self, T: int, past: int = 0) -> Optional[torch.Tensor]:
+        """(1, n_head, T, past + T) relative bias of T queries after `past` cached positions, -inf on future
+        keys in the decoder; None without one."""
         if not hasattr(self, "relative_bias"):
             return None
-        bias = self.relative_bias(T, T)
+        bias = self.relative_bias(T, past + T, past)
         if self.decoder:
-            future = torch.ones(T, T, dtype=torch.bool, device=bias.device).triu(1)
+            future = torch.ones(T, past + T, dtype=torch.bool, device=bias.device).triu(1 + past)
             bias = bias.masked_fill(future, float("-inf"))
         return bias
 
-    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[MoEStats]]:
-        bias = self.position_bias(x.shape[1])
+    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, list[MoEStats]]:
+        bias = self.position_bias(x.shape[1], 0 if cache is None else len(cache))
         moe_stats = []
-        for block in self.h:
-            x, stats = block(x, bias, memory)
+        for i, block in enumerate(self.h):
+            x, stats = block(x, bias, memory, None if cache is None else (cache.self_attn[i], cache.cross_attn[i]))
             if stats is not None:
                 moe_stats.append(stats)
         if self.ln_f is not None:
@@ -182,15 +189,19 @@ class EncoderDecoder(nn.Module):
                      if name in ("wte.weight", "lm_head.weight") or name.endswith("relative_bias.table.weight"))
         return n
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layer, cross=True)
+
+    def embed(self, idx: torch.Tensor, past: int = 0) -> torch.Tensor:
+        """Token (and sinusoidal position) embeddings of idx, whose first token is at position `past`."""
         x = self.wte(idx)
         if self.cfg.scale_embeddings:
             x = x * math.sqrt(self.cfg.d_model)
         if self.cfg.pos_embedding == "sinusoidal":
-            T = idx.shape[1]
-            if T > self.cfg.n_ctx:
-                raise ValueError(f"sequence length {T} exceeds the position table n_ctx={self.cfg.n_ctx}")
-            x = x + self.pos_table[:T]
+            end = past + idx.shape[1]
+            if end > self.cfg.n_ctx:
+                raise ValueError(f"sequence length {end} exceeds the position table n_ctx={self.cfg.n_ctx}")
+            x = x + self.pos_table[past:end]
         return self.drop(x)
 
     def shift_right(self, targets: torch.Tensor) -> torch.Tensor:
@@ -201,14 +212,21 @@ class EncoderDecoder(nn.Module):
         return shifted.masked_fill(shifted < 0, self.cfg.decoder_start_token_id)
 
     def forward(self, inputs: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                decoder_inputs: Optional[torch.Tensor] = None) -> GPTOutput:
-        """inputs (B, S) encoder ids; targets (B, T) with -1 where there is no target; logits (B, T, V)."""
+                decoder_inputs: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> GPTOutput:
+        """inputs (B, S) encoder ids; targets (B, T) with -1 where there is no target; logits (B, T, V);
+        cache: decoding (see the module docstring)."""
         if decoder_inputs is None:
             if targets is None:
                 raise ValueError("EncoderDecoder needs targets (shifted right into the decoder) or decoder_inputs")
             decoder_inputs = self.shift_right(targets)
-        memory, encoder_stats = self.encoder(self.embed(inputs))
-        x, decoder_stats = self.decoder(self.embed(decoder_inputs), memory)
+        if cache is not None and cache.memory is not None:  # later decoding steps: the encoder has run
+            memory, encoder_stats = cache.memory, []
+        else:
+            memory, encoder_stats = self.encoder(self.embed(inputs))
+        if cache is not None:
+            cache.memory = memory
+        past = 0 if cache is None else len(cache)
+        x, decoder_stats = self.decoder(self.embed(decoder_inputs, past), memory, cache)
         if self.cfg.scale_decoder_output:
             x = x * self.cfg.d_model ** -0.5
         return lm_output(self.cfg, self.lm_head(x), targets, encoder_stats + decoder_stats)

@@ -4,7 +4,8 @@ Token embedding + learned (or sinusoidal) positions, pre-LayerNorm blocks, a fin
 LayerNorm and an LM head tied to the token embedding. GPT-3's alternating attention
 (`attention: alternating`) makes the odd layers locally banded. MoE configs replace every
 `moe.every`-th FFN with a top-1 Switch layer. Written for one device: the engine applies
-ZeRO and expert parallelism from outside.
+ZeRO and expert parallelism from outside. model(idx, cache=model.new_cache()) decodes: each call's
+tokens continue the cached ones (trainer/sample.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.model.attention import Attention
+from trainer.model.attention import Attention, KVCache, LayerCache
 from trainer.model.moe import MoEStats, SwitchFFN, draw_
 
 
@@ -87,9 +88,10 @@ class Block(nn.Module):
             self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[MoEStats]]:
-        x = x + self.drop(self.attn(self.ln_1(x)))
-        h, stats = self.mlp(self.ln_2(x)) if self.is_moe else (self.mlp(self.ln_2(x)), None)
+    def forward(self, x: torch.Tensor, cache: Optional[LayerCache] = None) -> tuple[torch.Tensor, Optional[MoEStats]]:
+        x = x + self.drop(self.attn(self.ln_1(x), cache=cache))
+        h = self.ln_2(x)
+        h, stats = self.mlp(h, decoding=cache is not None) if self.is_moe else (self.mlp(h), None)
         return x + self.drop(h), stats
 
 
@@ -159,19 +161,26 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
         return n
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        T = idx.shape[1]
-        if T > self.cfg.n_ctx:
-            raise ValueError(f"sequence length {T} exceeds the position table n_ctx={self.cfg.n_ctx}")
-        pos = torch.arange(T, device=idx.device)
-        pos_emb = self.transformer.wpe(pos) if "wpe" in self.transformer else self.pos_table[:T]
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layer)
+
+    def embed(self, idx: torch.Tensor, past: int = 0) -> torch.Tensor:
+        """Token plus position embeddings of idx, whose first token is at position `past`."""
+        end = past + idx.shape[1]
+        if end > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {end} exceeds the position table n_ctx={self.cfg.n_ctx}")
+        pos = torch.arange(past, end, device=idx.device)
+        pos_emb = self.transformer.wpe(pos) if "wpe" in self.transformer else self.pos_table[past:end]
         return self.transformer.drop(self.transformer.wte(idx) + pos_emb)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> GPTOutput:
-        x = self.embed(idx)
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> GPTOutput:
+        """idx (B, T); targets (B, T), -1 where there is none; cache: decoding (idx follows the cached
+        tokens, and its keys and values join them)."""
+        x = self.embed(idx, 0 if cache is None else len(cache))
         moe_stats = []
-        for block in self.transformer.h:
-            x, stats = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x, stats = block(x, None if cache is None else cache.self_attn[i])
             if stats is not None:
                 moe_stats.append(stats)
         logits = self.lm_head(self.transformer.ln_f(x))

@@ -24,13 +24,14 @@ from trainer.model.encdec import EncoderDecoder
 Entry = tuple[str, tuple[str, ...], str]  # (our key, HF keys, "cat" | "stack" | "stack_t")
 
 
-def family(cfg: ModelConfig) -> str:
+def family(cfg: ModelConfig, any_routing: bool = False) -> str:
     """'t5', 'switch_transformers' or 'marian': the Hugging Face class `cfg` maps to; ValueError naming
-    every key it cannot express."""
+    every key it cannot express. any_routing: leave Switch's routing group and capacity unchecked (the
+    weights do not depend on them; the exporter's remote-code subclass routes as we do)."""
     if cfg.arch != "encoder_decoder":
         raise ValueError("model.arch: only an encoder_decoder maps to T5, SwitchTransformers or Marian")
     name = "marian" if cfg.pos_embedding == "sinusoidal" else "switch_transformers" if cfg.moe else "t5"
-    problems = _marian_problems(cfg) if name == "marian" else _t5_problems(cfg, name)
+    problems = _marian_problems(cfg) if name == "marian" else _t5_problems(cfg, name, any_routing)
     if problems:
         raise ValueError(f"cannot map to Hugging Face {name}: " + "; ".join(problems))
     return name
@@ -40,20 +41,25 @@ def _mismatches(cfg: ModelConfig, name: str, **wanted) -> list[str]:
     return [f"model.{k} is {getattr(cfg, k)!r} ({name} has {v!r})" for k, v in wanted.items() if getattr(cfg, k) != v]
 
 
-def _t5_problems(cfg: ModelConfig, name: str) -> list[str]:
+def _t5_problems(cfg: ModelConfig, name: str, any_routing: bool) -> list[str]:
     problems = _mismatches(cfg, name, pos_embedding="relative", norm="rmsnorm", norm_position="pre", bias=False,
                            attention_scaling=False, scale_embeddings=False)
     if cfg.tie_embeddings and not cfg.scale_decoder_output and name == "switch_transformers":
         problems.append("model.scale_decoder_output is false with tied embeddings "
                         "(SwitchTransformers rescales a tied head)")
     if cfg.moe is not None:
-        problems += _switch_problems(cfg)
+        problems += _switch_problems(cfg, any_routing)
     return problems
 
 
-def _switch_problems(cfg: ModelConfig) -> list[str]:
+def routes_per_sequence(cfg: ModelConfig) -> bool:
+    """Whether SwitchTransformers' own router routes as cfg: a fixed capacity per sequence."""
+    return cfg.moe.routing_group == "sequence" and cfg.moe.expert_capacity is not None
+
+
+def _switch_problems(cfg: ModelConfig, any_routing: bool) -> list[str]:
     moe, problems = cfg.moe, []
-    if moe.routing_group != "sequence" or moe.expert_capacity is None:
+    if not any_routing and not routes_per_sequence(cfg):
         problems.append("model.moe: SwitchTransformers routes with a fixed expert_capacity per sequence "
                         "(set routing_group: sequence and expert_capacity)")
     if moe.expert_d_ff not in (None, cfg.ff_width):
@@ -90,11 +96,13 @@ def _marian_problems(cfg: ModelConfig) -> list[str]:
 _ACTIVATION = {"relu": "relu", "gelu": "gelu_new", "gated-gelu": "gated-gelu"}  # gelu_new: the tanh GELU
 
 
-def hf_config(cfg: ModelConfig, eos_token_id: Optional[int] = None):
-    """The `transformers` config of the same shape (same eps, dropout, start and pad token)."""
+def hf_config(cfg: ModelConfig, eos_token_id: Optional[int] = None, switch_config=None):
+    """The `transformers` config of the same shape (same eps, dropout, start and pad token). switch_config:
+    a SwitchTransformersConfig subclass that routes by group (the exporter's remote code): any routing,
+    expert_capacity 0 where the capacity comes from the factor."""
     import transformers
 
-    name = family(cfg)
+    name = family(cfg, any_routing=switch_config is not None)
     tokens = dict(decoder_start_token_id=cfg.decoder_start_token_id, pad_token_id=cfg.decoder_start_token_id,
                   **({} if eos_token_id is None else dict(eos_token_id=eos_token_id)))
     if name == "marian":
@@ -113,10 +121,10 @@ def hf_config(cfg: ModelConfig, eos_token_id: Optional[int] = None):
     if name == "t5":
         return transformers.T5Config(feed_forward_proj=_ACTIVATION[cfg.activation], **shape)
     moe = cfg.moe
-    return transformers.SwitchTransformersConfig(
+    return (switch_config or transformers.SwitchTransformersConfig)(
         num_sparse_encoder_layers=_sparse_count(cfg, cfg.encoder_layers),
         num_sparse_decoder_layers=_sparse_count(cfg, cfg.n_layer), num_experts=moe.num_experts,
-        expert_capacity=moe.expert_capacity, router_bias=moe.router_bias, router_jitter_noise=moe.jitter,
+        expert_capacity=moe.expert_capacity or 0, router_bias=moe.router_bias, router_jitter_noise=moe.jitter,
         router_dtype="float32", router_z_loss_coef=moe.z_loss_coef, router_aux_loss_coef=moe.aux_loss_coef,
         dense_act_fn=_ACTIVATION[cfg.activation], **shape)
 
@@ -186,13 +194,13 @@ def _marian_entries(cfg: ModelConfig) -> Iterator[Entry]:
 
 
 def entries(cfg: ModelConfig) -> list[Entry]:
-    name = family(cfg)
+    name = family(cfg, any_routing=True)
     return list(_marian_entries(cfg) if name == "marian" else _t5_entries(cfg, switch=name == "switch_transformers"))
 
 
 def aliases(cfg: ModelConfig) -> dict[str, str]:
     """HF keys that hold a copy of another HF key (tied embeddings): alias -> source."""
-    if family(cfg) == "marian":
+    if family(cfg, any_routing=True) == "marian":
         shared = "model.shared.weight"
         return {f"model.{s}.embed_tokens.weight": shared for s in ("encoder", "decoder")} | {"lm_head.weight": shared}
     tied = {"lm_head.weight": "shared.weight"} if cfg.tie_embeddings else {}
@@ -201,7 +209,7 @@ def aliases(cfg: ModelConfig) -> dict[str, str]:
 
 def _fixed_buffers(model: EncoderDecoder) -> dict[str, torch.Tensor]:
     """Marian's non-learned tensors: a zero output bias and the position tables."""
-    if family(model.cfg) != "marian":
+    if family(model.cfg, any_routing=True) != "marian":
         return {}
     table = model.pos_table.detach().contiguous()
     return {"final_logits_bias": table.new_zeros(1, model.cfg.vocab_size),

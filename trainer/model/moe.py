@@ -7,6 +7,12 @@ its slot back scaled by its router probability. Capacity is per routing group (M
 the whole micro-batch by default, or each sequence, or every N tokens. Dispatch is O(tokens x
 d_model): there is no [tokens, experts, capacity] one-hot. Written for one device; expert
 parallelism wraps `SwitchFFN.experts` from outside (trainer/expert_parallel.py).
+
+Decoding (a KV cache, trainer/sample.py) routes every token to its expert, capacity unbounded. A
+capacity makes a token's output depend on the other tokens of its group, even later ones (the group's
+size sets it), so a token decoded step by step would route otherwise than in a recomputation of the
+whole sequence; without a bound, cached decoding equals recomputing the sequence with a fresh cache.
+The remote-code export (trainer/export/modeling_pretrain_switch.py) decodes the same way.
 """
 from __future__ import annotations
 
@@ -129,23 +135,29 @@ class SwitchFFN(nn.Module):
                              f"of this batch")
         return size
 
-    def route(self, x: torch.Tensor) -> Routing:
-        """Router (float32) and slot assignment for input x[..., d]; capacity from the routing group's size."""
+    def route(self, x: torch.Tensor, decoding: bool = False) -> Routing:
+        """Router (float32) and slot assignment for input x[..., d]; capacity from the routing group's size,
+        or, decoding, one group with room for every token."""
         tokens = x.reshape(-1, x.shape[-1])
-        num_experts, group_size = self.cfg.num_experts, self.group_size(x)
+        num_experts = self.cfg.num_experts
         logits = self.router_logits(tokens)
         probs = logits.softmax(dim=-1)
         gate, expert = probs.max(dim=-1)
-        factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        capacity = self.cfg.expert_capacity or expert_capacity(group_size, num_experts, factor)
+        if decoding:
+            group_size = capacity = tokens.shape[0]
+        else:
+            group_size = self.group_size(x)
+            factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+            capacity = self.cfg.expert_capacity or expert_capacity(group_size, num_experts, factor)
         slot, group_counts, per_expert = assign_slots(expert, num_experts, capacity, tokens.shape[0] // group_size)
         return Routing(logits, probs, gate, expert, slot, group_counts, capacity, per_expert)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, decoding: bool = False) -> tuple[torch.Tensor, MoEStats]:
+        """decoding: no token is dropped (module docstring)."""
         d = x.shape[-1]
         tokens = x.reshape(-1, d)
         n, num_experts = tokens.shape[0], self.cfg.num_experts
-        r = self.route(x)
+        r = self.route(x, decoding)
         # Slots: slot s of the [E, C] layout holds token token_of_slot[s]. Padding slots point at
         # token 0, a finite stand-in that the experts skip or whose output is never read.
         slots = num_experts * r.slots_per_expert
