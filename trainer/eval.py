@@ -20,12 +20,11 @@ from typing import Optional
 
 import torch
 
-import shard_format
 from shard_format import TokenizerError, TokenizerRecord, encoding_for
 from trainer.config import RunConfig
 from trainer.data import Objective, heldout_batches, load_manifest, objective_for
 from trainer.errors import TrainError
-from trainer.pretrained import load_pretrained
+from trainer.pretrained import load_pretrained, recorded_tokenizer
 from trainer.scoring import continuation_logprobs, device_of
 from trainer.special_tokens import EOT
 
@@ -42,11 +41,10 @@ def load_tokenizer(manifest_tokenizer: TokenizerRecord, path: Optional[str]):
 def run_tokenizer(cfg: RunConfig, path: Optional[str]):
     """The tokenizer the run's data manifest records; where the data dir is gone, GPT-2's BPE from `path`."""
     try:
-        record = shard_format.load_manifest(cfg.data.path)["tokenizer"]
-    except shard_format.ManifestError as e:
+        record = recorded_tokenizer(cfg)
+    except TrainError as e:
         if path is None:
-            raise TrainError(f"data.path: {e}; the run's tokenizer is recorded there (or give GPT-2's .tiktoken "
-                             f"file)") from None
+            raise TrainError(f"{e}; or give GPT-2's .tiktoken file") from None
         record = {"name": "gpt2", "eot_id": EOT}
     return load_tokenizer(record, path)
 
