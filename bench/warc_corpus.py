@@ -8,13 +8,14 @@ distinct URL, and an inline JSON `<script>` state blob (as many real pages carry
 page to ~80 kB of HTML, about Common Crawl's average. Paragraphs are drawn at random from ~30k, so
 documents rarely share 5-grams; a known fraction are planted duplicates of an earlier record:
 exact (the same payload under another URL) and near (1% of the inserted words changed, another
-script blob). Deterministic for a seed. Records are gzipped one per member, like Common Crawl's."""
+script blob). The same seed gives the same bytes. Records are gzipped one per member, like Common Crawl's."""
 from __future__ import annotations
 
 import argparse
 import json
 import re
 import sys
+import uuid
 from dataclasses import dataclass, field
 from html import escape
 from io import BytesIO
@@ -36,6 +37,7 @@ MAX_TEMPLATE_TEXT = 10_000  # the crawl's long table pages would make every docu
 BLOCKS = re.compile(r"(<script\b.*?</script>|<style\b.*?</style>|<!--.*?-->)", re.S | re.I)
 TEXT_RUN = re.compile(r">([^<]*[A-Za-z][^<]*)<")
 VERSE = re.compile(r"^[1-3]?[A-Z][a-z]*\d+:\d+ ")
+CRAWL_DATE = "2026-01-01T00:00:00Z"  # fixed, like the record ids, so a seed gives the same bytes
 
 
 @dataclass
@@ -105,14 +107,17 @@ def load_templates(data: Path) -> list[Template]:
 
 
 def cut_template(html: str) -> Template:
+    """The body's text runs (outside scripts, styles and comments) become word slots; the
+    paragraphs go after the part that closes the first <h1>."""
     body = html.lower().find("<body")
     parts, slots, cursor = [], [], 0
     offset = max(body, 0)
     for block in BLOCKS.split(html[offset:]):
-        for run in TEXT_RUN.finditer(block) if not BLOCKS.fullmatch(block) else ():
-            parts.append(html[cursor:offset + run.start(1)])
-            slots.append(len(run.group(1).split()))
-            cursor = offset + run.end(1)
+        if not BLOCKS.fullmatch(block):  # scripts, styles and comments keep their text
+            for run in TEXT_RUN.finditer(block):
+                parts.append(html[cursor:offset + run.start(1)])
+                slots.append(len(run.group(1).split()))
+                cursor = offset + run.end(1)
         offset += len(block)
     parts.append(html[cursor:])
     heading = next((i for i, p in enumerate(parts) if re.search(r"</h1>", p, re.I)), 0)
@@ -179,11 +184,13 @@ def plan(n: int, templates: int, pool: int, rng: np.random.Generator,
     return records
 
 
-def write_record(writer: WARCWriter, url: str, html: bytes) -> None:
+def write_record(writer: WARCWriter, url: str, html: bytes, record_id: uuid.UUID) -> None:
     http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                                        ("Content-Length", str(len(html)))], protocol="HTTP/1.1")
+    headers = {"WARC-Record-ID": f"<urn:uuid:{record_id}>", "WARC-Date": CRAWL_DATE,
+               "WARC-Identified-Payload-Type": "text/html"}  # datatrove's reader needs no libmagic sniffing then
     writer.write_record(writer.create_warc_record(url, "response", payload=BytesIO(html), http_headers=http,
-                                                  warc_headers_dict={"WARC-Identified-Payload-Type": "text/html"}))
+                                                  warc_headers_dict=headers))
 
 
 def build_corpus(data: Path, out_dir: Path, target_mb: float = 200, files: int = 4, seed: int = 0,
@@ -202,7 +209,8 @@ def build_corpus(data: Path, out_dir: Path, target_mb: float = 200, files: int =
             while stats.html_bytes < target_mb * 1e6 * (f + 1) / files:
                 spec, kind = records[i]
                 html = render(spec, templates, pool, blob_kb).encode()
-                write_record(writer, f"https://site{i % 997:03d}.example.org/{kind[0]}/{i:07d}.html", html)
+                write_record(writer, f"https://site{i % 997:03d}.example.org/{kind[0]}/{i:07d}.html", html,
+                             uuid.UUID(int=seed << 64 | i))
                 stats.records += 1
                 stats.html_bytes += len(html)
                 stats.exact_duplicates += kind == "exact"
