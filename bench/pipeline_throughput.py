@@ -70,11 +70,12 @@ class NumpyScores:
         return labels, np.asarray(scores)
 
 
-def datatrove_steps(data: Path, sig_dir: str) -> tuple[dict, object]:
-    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                            GopherRepetitionFilter, LanguageFilter as DTLanguageFilter)
+def datatrove_language_filter(data: Path):
+    """datatrove's LanguageFilter on the same local lid.176.ftz (offline), loaded on first use so
+    that datatrove's executor can deep-copy the step."""
+    from datatrove.pipeline.filters import LanguageFilter as DTLanguageFilter
     from datatrove.utils.hashes import xxhash as dt_xxhash
+    from datatrove.utils.lid import FT176LID
     from fasttext.FastText import _FastText
     import xxhash
 
@@ -83,9 +84,26 @@ def datatrove_steps(data: Path, sig_dir: str) -> tuple[dict, object]:
     DTLanguageFilter._requires_dependencies = ["fasteners"]
     # The installed xxhash refuses str, which datatrove passes; encode as older xxhash did.
     dt_xxhash.xxhash64 = lambda data: xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
+    model_path = str(data / "langid/lid.176.ftz")
+
+    class LocalFT176(FT176LID):
+        @property
+        def model(self):
+            if self._model is None:
+                self._model = NumpyScores(_FastText(model_path))
+            return self._model
+
     language = DTLanguageFilter(languages=["en"], language_threshold=0.65)
-    language.model._model = NumpyScores(_FastText(str(data / "langid/lid.176.ftz")))  # offline: the same model file
-    steps = {"language": language, "gopher_repetition": GopherRepetitionFilter(),
+    language.model = LocalFT176(["en"])
+    return language
+
+
+def datatrove_steps(data: Path, sig_dir: str) -> tuple[dict, object]:
+    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
+                                            GopherRepetitionFilter)
+
+    steps = {"language": datatrove_language_filter(data), "gopher_repetition": GopherRepetitionFilter(),
              "gopher_quality": GopherQualityFilter(), "c4": C4QualityFilter(), "fineweb": FineWebQualityFilter()}
     return steps, MinhashDedupSignature(output_folder=sig_dir, config=MinhashConfig(n_grams=5, num_buckets=14,
                                                                                    hashes_per_bucket=8))
