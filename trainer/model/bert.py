@@ -22,8 +22,7 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.model.encdec import Block, make_norm
-from trainer.model.gpt import GELU_APPROXIMATE, GPTOutput, residual_init_std
-from trainer.model.moe import draw_
+from trainer.model.gpt import GELU_APPROXIMATE, GPTOutput, InitByRule, residual_init_std
 
 
 @dataclass
@@ -43,7 +42,7 @@ def padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> Optional[t
     return bias[:, None, None, :]
 
 
-class BERT(nn.Module):
+class BERT(InitByRule):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -66,9 +65,6 @@ class BERT(nn.Module):
         self.nsp_head = nn.Linear(d, 2, bias=cfg.bias)
         self.reset_parameters()
 
-    def init_buffers(self) -> None:
-        """No buffers: every table is learned (engine.build_model calls this for every family)."""
-
     def init_rule(self, name: str) -> tuple[float, float]:
         """(mean, std) parameter `name` starts from: norm weights 1, biases 0, every matrix and table
         N(0, init_std) (BERT's, `init: bert`), residual projections / sqrt(2 n_layer) with `init: gpt2`."""
@@ -80,12 +76,6 @@ class BERT(nn.Module):
         if self.cfg.init == "gpt2" and name.endswith("c_proj.weight"):
             return 0.0, residual_init_std(self.cfg)
         return 0.0, self.cfg.init_std
-
-    def reset_parameters(self) -> None:
-        """Every parameter from its init_rule, drawn with torch's RNG. Training runs draw the same rule
-        layout-invariantly instead (trainer/initialize.py)."""
-        for name, p in self.named_parameters():
-            draw_(p, *self.init_rule(name))
 
     def blocks(self) -> list[nn.Module]:
         """The residual blocks, in order: what activation checkpointing wraps."""

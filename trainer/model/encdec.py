@@ -25,8 +25,8 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.model.attention import Attention, KVCache, LayerCache, RelativePositionBias
-from trainer.model.gpt import MLP, GPTOutput, lm_output, residual_init_std, sinusoidal_positions
-from trainer.model.moe import MoEStats, SwitchFFN, draw_
+from trainer.model.gpt import MLP, GPTOutput, InitByRule, lm_output, residual_init_std
+from trainer.model.moe import MoEStats, SwitchFFN
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -121,7 +121,7 @@ class Stack(nn.Module):
         return x, moe_stats
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(InitByRule):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -138,12 +138,6 @@ class EncoderDecoder(nn.Module):
         self.lm_head = lm_head
         self.reset_parameters()
         self.init_buffers()
-
-    def init_buffers(self) -> None:
-        """Tables rebuilt from the config (never saved); again after construction on the meta device."""
-        if self.cfg.pos_embedding == "sinusoidal":
-            table = sinusoidal_positions(self.cfg.n_ctx, self.cfg.d_model, self.cfg.sinusoidal_layout)
-            self.pos_table = table.to(self.pos_table.device)
 
     def init_rule(self, name: str) -> tuple[float, float]:
         """(mean, std) parameter `name` starts from: norm weights 1, biases 0, a Switch layer's own rule for
@@ -168,12 +162,6 @@ class EncoderDecoder(nn.Module):
             return 0.0, 1.0
         std = module.in_features ** -0.5  # in_features: ZeRO-3 leaves the weight itself empty
         return 0.0, std * self.cfg.head_dim ** -0.5 if module_name.endswith("q_attn") else std
-
-    def reset_parameters(self) -> None:
-        """Every parameter from its init_rule, drawn with torch's RNG. Training runs draw the same rule
-        layout-invariantly instead (trainer/initialize.py)."""
-        for name, p in self.named_parameters():
-            draw_(p, *self.init_rule(name))
 
     def blocks(self) -> list[nn.Module]:
         """The residual blocks, encoder's then decoder's: what activation checkpointing wraps."""

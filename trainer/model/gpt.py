@@ -100,7 +100,29 @@ def residual_init_std(cfg: ModelConfig) -> float:
     return cfg.init_std / math.sqrt(2 * cfg.n_layer)
 
 
-class GPT(nn.Module):
+class InitByRule(nn.Module):
+    """What the engine asks of every family's model (engine.build_model, trainer/initialize.py): each
+    parameter's `init_rule(name)` -> (mean, std), and buffers rebuilt from the config."""
+
+    cfg: ModelConfig
+
+    def init_rule(self, name: str) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Every parameter from its init_rule, drawn with torch's RNG. Training runs draw the same rule
+        layout-invariantly instead (trainer/initialize.py)."""
+        for name, p in self.named_parameters():
+            draw_(p, *self.init_rule(name))
+
+    def init_buffers(self) -> None:
+        """Tables rebuilt from the config (never saved); again after construction on the meta device."""
+        if self.cfg.pos_embedding == "sinusoidal":
+            table = sinusoidal_positions(self.cfg.n_ctx, self.cfg.d_model, self.cfg.sinusoidal_layout)
+            self.pos_table = table.to(self.pos_table.device)
+
+
+class GPT(InitByRule):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -122,12 +144,6 @@ class GPT(nn.Module):
         self.reset_parameters()
         self.init_buffers()
 
-    def init_buffers(self) -> None:
-        """Tables rebuilt from the config (never saved); again after construction on the meta device."""
-        if self.cfg.pos_embedding == "sinusoidal":
-            table = sinusoidal_positions(self.cfg.n_ctx, self.cfg.d_model, self.cfg.sinusoidal_layout)
-            self.pos_table = table.to(self.pos_table.device)
-
     def init_rule(self, name: str) -> tuple[float, float]:
         """(mean, std) parameter `name` starts from, GPT-2's scheme: N(0, init_std) for embeddings and
         matrices, init_std / sqrt(2 n_layer) for projections into the residual stream; biases 0, norm
@@ -142,12 +158,6 @@ class GPT(nn.Module):
         if leaf == "bias":
             return 0.0, 0.0
         return 0.0, residual_init_std(self.cfg) if name.endswith("c_proj.weight") else self.cfg.init_std
-
-    def reset_parameters(self) -> None:
-        """Every parameter from its init_rule, drawn with torch's RNG. Training runs draw the same rule
-        layout-invariantly instead (trainer/initialize.py)."""
-        for name, p in self.named_parameters():
-            draw_(p, *self.init_rule(name))
 
     def blocks(self) -> list[nn.Module]:
         """The residual blocks, in order: what activation checkpointing wraps."""
