@@ -7,8 +7,10 @@ COMPLETE exists, so a crash while saving leaves the previous checkpoint as the n
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import re
 import shutil
 import time
@@ -69,12 +71,27 @@ def save(engine, root: Path, step: int, trainer_state: dict, config_yaml: str, k
     rank = dist.get_rank()
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # a leftover half-written save of the same step
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    weight_shards.save(engine, path, layout["ep_size"])
-    atomic_write(path / f"trainer-rank{rank}.json", json.dumps(trainer_state))
-    if rank == 0:
-        atomic_write(path / "config.yaml", config_yaml)
+    check_free_space(root, tag, required_bytes(engine, root, layout["ep_size"]), engine.device)
+    failure = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        weight_shards.save(engine, path, layout["ep_size"])
+        atomic_write(path / f"trainer-rank{rank}.json", json.dumps(trainer_state))
+        if rank == 0:
+            atomic_write(path / "config.yaml", config_yaml)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        failure = e
+    if _any_rank(failure is not None, engine.device):
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # frees what the half-written save took
+        dist.barrier()
+        kept = newest_valid(root, warn=False)
+        raise TrainError(f"the disk under {root} filled up while saving {tag} ({_gb(_free(root))} free now); the "
+                         f"partial {tag} was removed and "
+                         + (f"{kept.name} is still the newest checkpoint" if kept else "no earlier checkpoint exists")
+                         + ". Free space, or lower checkpoint.keep_last, or point --run-dir at a larger disk")
     dist.barrier()
     testing_hooks.before_commit()
     if rank == 0:
@@ -84,6 +101,41 @@ def save(engine, root: Path, step: int, trainer_state: dict, config_yaml: str, k
         prune(root, keep_last)
     dist.barrier()
     return path
+
+
+def required_bytes(engine, root: Path, ep_size: int) -> int:
+    """Disk a new checkpoint needs: the newest complete one's size (same layout, same files), or, before the
+    first, a lower bound (the fp32 weights written here plus DeepSpeed's fp32 optimizer partitions), so a
+    refusal is never wrong."""
+    newest = newest_valid(root, warn=False)
+    if newest is not None:
+        return sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+    whole = sum(math.prod(weight_shards.whole_shape(p, ep_size)) for p in engine.module.parameters())
+    return whole * 4 * 2
+
+
+def check_free_space(root: Path, tag: str, need: int, device="cpu") -> None:
+    """Collective: refuses on every rank, before anything is written, a save the disk cannot hold."""
+    root.mkdir(parents=True, exist_ok=True)
+    free = _free(root)
+    if _any_rank(free < need, device):
+        raise TrainError(f"not enough disk space under {root} to save {tag}: it needs about {_gb(need)}, "
+                         f"{_gb(free)} is free. Free space, or lower checkpoint.keep_last, or point --run-dir at a "
+                         "larger disk")
+
+
+def _free(root: Path) -> int:
+    return shutil.disk_usage(root).free
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([int(flag)], device=device)  # NCCL reduces GPU tensors only
+    dist.all_reduce(t)
+    return bool(t.item())
 
 
 def prune(root: Path, keep_last: int) -> None:

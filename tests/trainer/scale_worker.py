@@ -37,16 +37,19 @@ def main(run_dir: Path, out: Path) -> None:
         engine.backward(loss)
         engine.step()
     layout = {"world_size": world, "zero_stage": cfg.parallel.zero_stage, "ep_size": cfg.parallel.ep_size}
+    lower_bound = checkpoint.required_bytes(engine, run_dir / "checkpoints", cfg.parallel.ep_size)
     save = PeakMemory("cpu")
     checkpoint.save(engine, run_dir / "checkpoints", 1, {"step": 1}, (run_dir / "config.yaml").read_text(), 1, layout)
     save_increase = save.peak()
+    written = sum(f.stat().st_size for f in (run_dir / "checkpoints" / "step-1").rglob("*") if f.is_file())
     if cfg.parallel.zero_stage != 3:
         live = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
         torch.save({"params": live, "offsets": {name: getattr(p, "flat_offset", 0)
                                                 for name, p in engine.module.named_parameters()}},
                    out / f"live-rank-{rank}.pt")
     (out / f"rank-{rank}.json").write_text(json.dumps({"construction_increase": construction_increase,
-                                                       "save_increase": save_increase}))
+                                                       "save_increase": save_increase,
+                                                       "disk_lower_bound": lower_bound, "disk_written": written}))
     shutdown_distributed()
 
 

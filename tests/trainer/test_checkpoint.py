@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,26 @@ def test_half_written_checkpoint_is_skipped_with_a_warning(dense_run, tmp_path, 
     (root / "step-40" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     assert checkpoint.newest_valid(root) == root / "step-30"
     assert "skipping checkpoint" in caplog.text and "step-40" in caplog.text
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_before_anything_is_written(dense_run, tmp_path):
+    from trainer.distributed import init_distributed, shutdown_distributed
+
+    root = dense_run / "checkpoints"
+    need = checkpoint.required_bytes(None, root, 1)  # after the first save: the newest checkpoint's size
+    assert need == sum(f.stat().st_size for f in (root / "step-30").rglob("*") if f.is_file()) > 0
+    saved = dict(os.environ)
+    init_distributed()  # the check agrees across ranks: a world of one here
+    try:
+        checkpoint.check_free_space(tmp_path / "ckpt", "step-45", need)
+        too_much = shutil.disk_usage(tmp_path).free + 10 ** 15
+        with pytest.raises(TrainError, match=r"not enough disk space under .*ckpt to save step-45: it needs about"):
+            checkpoint.check_free_space(tmp_path / "ckpt", "step-45", too_much)
+    finally:
+        shutdown_distributed()
+        os.environ.clear()
+        os.environ.update(saved)
+    assert list((tmp_path / "ckpt").iterdir()) == []
 
 
 def write_fragments(step, rank: int, fragments: dict[str, tuple[int, torch.Tensor, tuple]]) -> None:

@@ -61,6 +61,8 @@ def test_zero3_builds_and_saves_each_ranks_share_only(tmp_path, shard_dir, repo_
         assert rank["construction_increase"] < 0.6 * fp32_weights, rank
         # The rank's partitions are already in memory; saving them adds no more than a bounded buffer.
         assert rank["save_increase"] < 64 * MIB, rank
+        # The free-space check before a first save asks for no more than the save then wrote.
+        assert fp32_weights * 2 == rank["disk_lower_bound"] <= rank["disk_written"], rank
 
 
 @pytest.mark.slow
