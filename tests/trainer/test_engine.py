@@ -3,11 +3,13 @@ import math
 import pytest
 import yaml
 
-from tests.trainer.conftest import free_port, make_run, read_metrics, run_training, train_in_process
+from tests.trainer.conftest import REPO, free_port, make_run, read_metrics, run_training, train_in_process
 from trainer import weight_shards
 from trainer.config import ModelConfig
 from trainer.engine import param_groups
 from trainer.errors import TrainError
+
+TINY_EXPERTS = yaml.safe_load((REPO / "configs/model/tiny-switch.yaml").read_text())["moe"]["num_experts"]
 
 
 def test_param_groups_decay_matrices_only_and_isolate_experts(repo_root):
@@ -46,7 +48,7 @@ def test_switch_in_one_process(tmp_path, shard_dir, zero):
                    train={"max_steps": 4}, checkpoint={"interval": 2})
     assert train_in_process(run) == 0
     m = read_metrics(run)
-    assert m[4]["loss"] < m[1]["loss"] and len(m[4]["expert_load"][0]) == 4
+    assert m[4]["loss"] < m[1]["loss"] and len(m[4]["expert_load"][0]) == TINY_EXPERTS
     assert (run / "checkpoints" / "step-4" / "weights-rank0.safetensors").is_file()
 
 
@@ -72,13 +74,13 @@ def test_two_processes_train_and_checkpoint(tmp_path, shard_dir, model, zero, ep
     assert (step / "COMPLETE").is_file() and (run / "checkpoints" / "latest").read_text() == "step-8"
     if model == "tiny-switch":
         assert {"aux_loss", "z_loss", "dropped_frac", "expert_load"} <= set(m[8])
-        assert len(m[8]["expert_load"]) == 1 and len(m[8]["expert_load"][0]) == 4
+        assert len(m[8]["expert_load"]) == 1 and len(m[8]["expert_load"][0]) == TINY_EXPERTS
     assert sorted(p.name for p in step.glob("weights-rank*.safetensors")) == [
         "weights-rank0.safetensors", "weights-rank1.safetensors"]
     weights = weight_shards.ShardedWeights(step)
     written = [sum(n for pieces in weights.pieces.values() for _, n, r in pieces if r == rank) for rank in (0, 1)]
     total = sum(math.prod(shape) for shape in weights.shapes.values())
     assert sum(written) == total and max(written) < 0.6 * total  # each rank writes its own part, never the whole
-    if model == "tiny-switch":  # each expert-parallel rank writes its own 2 of the 4 experts
+    if model == "tiny-switch":  # each expert-parallel rank writes its own half of the experts
         assert sorted((start, r) for start, _, r in weights.pieces["transformer.h.1.mlp.experts.w_fc"]) == [
             (0, 0), (weights.pieces["transformer.h.1.mlp.experts.w_fc"][0][1], 1)]

@@ -68,7 +68,7 @@ def test_zero3_builds_and_saves_each_ranks_share_only(tmp_path, shard_dir, repo_
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_consolidated_switch_checkpoint_is_exactly_the_live_model(tmp_path, shard_dir):
-    """ZeRO-2 with the 4 experts split over 2 expert-parallel ranks."""
+    """ZeRO-2 with the experts split over 2 expert-parallel ranks."""
     run = make_run(tmp_path / "run", shard_dir, model="tiny-switch", parallel={"zero_stage": 2, "ep_size": 2},
                    train={"micro_batch_size": 4, "global_batch_size": 8})
     run_worker(run, tmp_path / "out")
