@@ -8,7 +8,12 @@ there. Each variant runs as a subprocess, and its CPU time is that of every proc
 (the CLI, Ray's workers and daemons, extraction children, datatrove's sandboxes; see CpuMeter).
 Variants:
 
-- `ray1` / `ray2`: `pretrain data run` on a fresh local Ray with ray.num_cpus=1 / 2;
+- `ray1` / `ray2`: `pretrain data run` on a fresh local Ray with ray.num_cpus=1 / 2 (each run
+  starts and stops Ray's daemons: a fixed cost of interpreters starting up);
+- `rayup`: `pretrain data run --address` joining a local one-CPU cluster that the benchmark started
+  once with `ray start --head` (as on any real Ray deployment, where the cluster outlives the job).
+  Its CPU time is the CLI's plus everything the cluster's processes (daemons and the job's workers)
+  used while the job ran, from the cluster's own cgroup;
 - `local`: `pretrain data run --local`;
 - `datatrove`: WarcReader -> resiliparse in datatrove's extractor sandbox (the extraction ours
   does) -> LanguageFilter (the same lid.176.ftz) -> GopherRepetition -> GopherQuality -> C4 ->
@@ -28,6 +33,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -96,6 +102,17 @@ class CpuMeter:
         if self.group is not None:
             (self.group / "cgroup.procs").write_text(str(os.getpid()))
 
+    def usage(self) -> float:
+        """CPU seconds of every process that ever joined the group (cgroup only)."""
+        usage = self.group / "cpuacct.usage"
+        return int(usage.read_text()) / 1e9 if usage.is_file() else \
+            int((self.group / "cpu.stat").read_text().split()[1]) / 1e6  # usage_usec
+
+    def kill_all(self) -> None:
+        for pid in (self.group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
     def wait(self, proc: subprocess.Popen) -> float:
         seen: dict[tuple[int, float], float] = {}
         while proc.poll() is None:
@@ -107,12 +124,8 @@ class CpuMeter:
         deadline = time.monotonic() + 60  # Ray's daemons exit a moment after the CLI does
         while (pids := (self.group / "cgroup.procs").read_text().split()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for pid in pids:  # only processes this run started are in the group
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        usage = self.group / "cpuacct.usage"
-        cpu = int(usage.read_text()) / 1e9 if usage.is_file() else \
-            int((self.group / "cpu.stat").read_text().split()[1]) / 1e6  # usage_usec
+        self.kill_all()  # only processes this run started are in the group
+        cpu = self.usage()
         self.group.rmdir()
         return cpu
 
@@ -132,10 +145,69 @@ class CpuMeter:
                 pass
 
 
+class RayCluster:
+    """A local one-CPU Ray cluster (`ray start --head`) in a cgroup of its own, so that the CPU its
+    daemons and the jobs' workers use while a job runs can be read off; restarted if something killed it."""
+
+    def __init__(self, num_cpus: int = 1):
+        self.num_cpus, self.meter, self.address = num_cpus, None, None
+
+    def ensure(self) -> str:
+        if self.meter is not None and (self.meter.group / "cgroup.procs").read_text().split():
+            return self.address
+        self.stop()
+        self.meter = CpuMeter()
+        if self.meter.group is None:
+            raise SystemExit("the rayup variant needs a cgroup (root) to account the cluster's CPU")
+        from ray.util import get_node_ip_address
+
+        port, client_port = free_port(), free_port()
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+                        f"--ray-client-server-port={client_port}", f"--num-cpus={self.num_cpus}",
+                        "--include-dashboard=false", "--disable-usage-stats"], env=env,
+                       preexec_fn=self.meter.enter, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(5)  # let the daemons finish starting before any job is measured
+        self.address = f"{get_node_ip_address()}:{port}"
+        return self.address
+
+    def usage(self) -> float:
+        return self.meter.usage()
+
+    def stop(self) -> None:
+        if self.meter is not None:
+            self.meter.kill_all()
+            time.sleep(1)
+            with contextlib.suppress(OSError):
+                self.meter.group.rmdir()
+            self.meter = None
+        current = Path("/tmp/ray/ray_current_cluster")  # `ray start` left our address for bare ray.init() calls
+        with contextlib.suppress(OSError):
+            if self.address and current.read_text().strip() == self.address:
+                current.unlink()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+CLUSTER = RayCluster()
+
+
 def run_ours(variant: str, config: Path, out: Path) -> tuple[dict, set[str], dict]:
     cmd = [sys.executable, "-m", "cluster.cli", "data", "run", str(config), "--out", str(out)]
-    cmd += ["--local"] if variant == "local" else ["--set", f"ray.num_cpus={variant.removeprefix('ray')}"]
-    timing = measured(cmd, out.with_suffix(".log"))
+    if variant == "rayup":
+        cmd += ["--address", CLUSTER.ensure()]
+        cluster_before = CLUSTER.usage()
+        timing = measured(cmd, out.with_suffix(".log"))
+        time.sleep(2)  # the job's workers exit just after its driver
+        timing["cluster_cpu_s"] = CLUSTER.usage() - cluster_before
+        timing["cpu_s"] += timing["cluster_cpu_s"]
+    else:
+        cmd += ["--local"] if variant == "local" else ["--set", f"ray.num_cpus={variant.removeprefix('ray')}"]
+        timing = measured(cmd, out.with_suffix(".log"))
     kept = set()
     for shard in sorted(out.glob("web/shard-*.tar")):
         with tarfile.open(shard) as tar:
@@ -252,21 +324,22 @@ def summarize(runs: list[dict], corpus: dict, kept: dict[str, set[str]], records
                 if (a, i) in rep_of and (b, i) in rep_of]
 
     result = {"corpus": corpus, "variants": table, "ratio_docs_per_cpu_s_vs_datatrove": {}, "agreement": {}}
-    for ours in ("ray1", "local", "ray2"):
+    for ours in ("ray1", "rayup", "local", "ray2"):
         ratios = paired(ours, "datatrove", lambda o, d: d["cpu_s"] / o["cpu_s"])
         if ratios:
             result["ratio_docs_per_cpu_s_vs_datatrove"][ours] = spread(ratios)
-    if by.get("ray1") and by.get("local"):
-        result["ray_overhead"] = {
-            "wall": spread(paired("ray1", "local", lambda r, lo: (r["wall_s"] - lo["wall_s"]) / r["wall_s"]), 3),
-            "cpu": spread(paired("ray1", "local", lambda r, lo: (r["cpu_s"] - lo["cpu_s"]) / r["cpu_s"]), 3)}
+    for ray_variant, key in (("ray1", "ray_overhead"), ("rayup", "ray_overhead_running_cluster")):
+        if by.get(ray_variant) and by.get("local"):
+            result[key] = {
+                "wall": spread(paired(ray_variant, "local", lambda r, lo: (r["wall_s"] - lo["wall_s"]) / r["wall_s"]), 3),
+                "cpu": spread(paired(ray_variant, "local", lambda r, lo: (r["cpu_s"] - lo["cpu_s"]) / r["cpu_s"]), 3)}
     if by.get("ray2") and by.get("ray1"):
         result["ray2_wall_speedup_vs_ray1"] = spread(paired("ray2", "ray1", lambda r2, r1: r1["wall_s"] / r2["wall_s"]))
-    reference = next((kept[v] for v in ("local", "ray1", "ray2") if v in kept), None)
+    reference = next((kept[v] for v in ("local", "ray1", "rayup", "ray2") if v in kept), None)
     for peer in ("datatrove", "trafilatura"):
         if reference is not None and peer in kept:
             result["agreement"][f"ours_vs_{peer}"] = agreement(records, reference, kept[peer])
-    ours_sets = [kept[v] for v in ("local", "ray1", "ray2") if v in kept]
+    ours_sets = [kept[v] for v in ("local", "ray1", "rayup", "ray2") if v in kept]
     result["agreement"]["ours_identical_across_executors_and_runs"] = all(s == ours_sets[0] for s in ours_sets)
     result["runs"] = [{k: v for k, v in r.items() if k != "removed"} for r in runs]
     return result
@@ -339,6 +412,7 @@ def main() -> None:
                 raise SystemExit(f"{variant}: kept documents changed between repetitions")
             print(f"rep {rep} {variant}: wall {timing['wall_s']:.1f}s cpu {timing['cpu_s']:.1f}s kept {len(urls)}",
                   file=sys.stderr, flush=True)
+    CLUSTER.stop()
     figures = summarize(runs, corpus, kept, record_urls(warc_dir))
     print(json.dumps(figures, indent=1))
     if args.json:
