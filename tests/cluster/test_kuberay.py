@@ -7,12 +7,11 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import kubernetes  # the dev extra installs it
 import pytest
 import yaml
 
 from cluster.cli import main
-
-kubernetes = pytest.importorskip("kubernetes", reason="the dev extra installs the kubernetes client")
 
 # Field names of KubeRay's ray.io/v1 API, from its reference (ray-project/kuberay, docs/reference/api.md,
 # sections RayJobSpec, RayClusterSpec, HeadGroupSpec, WorkerGroupSpec; also docs.ray.io "RayJob Quickstart").
@@ -133,12 +132,12 @@ def test_every_path_resolves_on_the_volume_and_the_ranks_read_one_config(capsys,
     (tmp_path / "nfs").symlink_to(volume)
     cluster = cluster_yaml(tmp_path, mount=str(volume), path_map={str(tmp_path / "nfs"): str(volume)})
     job = rayjob(capsys, str(repo_root / "configs/train/tiny-gpt-cpu.yaml"), "--cluster", str(cluster),
-                 "--nodes", "2", "--gpus-per-node", "1", "--run-dir", "runs/r1",
+                 "--nodes", "2", "--gpus-per-node", "1", "--run-dir", "runs/r 1;$(touch INJECTED)",
                  "--set", f"data.path={tmp_path / 'nfs' / 'shards'}")
     entry = shlex.split(job["spec"]["entrypoint"])
     run_dir = entry[entry.index("--out") + 1]
     config_text = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["PRETRAIN_CONFIG_YAML"]
-    assert run_dir == str(volume / "runs" / "r1")
+    assert run_dir == str(volume / "runs" / "r 1;$(touch INJECTED)")  # one argument, quoted for the shell
     assert yaml.safe_load(config_text)["data"]["path"] == str(volume / "shards")
     for template in templates(job):  # every pod mounts the one claim where the paths point
         spec = template["spec"]
