@@ -209,3 +209,18 @@ def test_shipped_kuberay_config_renders_valid_pods(capsys, repo_root):
     assert pod_config(job)["data"]["path"] == f"{MOUNT}/data/sample"
     for template in templates(job):
         assert strict(template, "V1PodTemplateSpec") == template
+
+
+def test_cluster_file_overlays_the_train_yaml_cluster_section(capsys, tmp_path, repo_root):
+    """The volume set in the train YAML's `cluster:` survives a --cluster file that only sets resources."""
+    train = yaml.safe_load((repo_root / "configs/train/tiny-gpt-cpu.yaml").read_text())
+    train["model"] = str(repo_root / "configs/model/tiny-gpt.yaml")
+    train["data"]["path"] = f"{MOUNT}/data/sample"
+    train["cluster"] = {"backend": "k8s", "k8s": {"volume": {"claim": "from-train-yaml"}}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
+    (tmp_path / "resources.yaml").write_text("cpus_per_node: 16\nk8s:\n  requests: {cpu: '12'}\n")
+    job = rayjob(capsys, str(tmp_path / "train.yaml"), "--cluster", str(tmp_path / "resources.yaml"))
+    _, worker = (t["spec"] for t in templates(job))
+    assert worker["volumes"][0]["persistentVolumeClaim"]["claimName"] == "from-train-yaml"
+    assert worker["containers"][0]["resources"] == {"requests": {"cpu": "12", "memory": "64Gi"},
+                                                    "limits": {"cpu": "16", "memory": "64Gi"}}
