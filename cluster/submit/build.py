@@ -18,10 +18,18 @@ from cluster.submit import Job, JobKind
 from trainer.configio import dump_yaml, read_yaml, validate
 
 
+def _overlay(base: dict, top: dict) -> dict:
+    """`top` over `base`, section by section: a cluster file's `k8s.requests` keeps the train YAML's `k8s.volume`."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _overlay(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
 def cluster_config(base: ClusterConfig, args: argparse.Namespace) -> ClusterConfig:
     values = base.model_dump()
     if args.cluster:
-        values.update(load_config(args.cluster, ClusterConfig).model_dump(exclude_unset=True))
+        values = _overlay(values, load_config(args.cluster, ClusterConfig).model_dump(exclude_unset=True))
     flags = {"backend": args.backend, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
              "address": args.address}
     values.update({k: v for k, v in flags.items() if v is not None})
