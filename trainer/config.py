@@ -273,6 +273,9 @@ class LoggingConfig(Section):
     run_name: Optional[str] = None
     log_interval: PositiveInt = 1
     sample_log: bool = Field(False, description="write RUN/samples/rank-R.jsonl: a hash of every micro-batch consumed")
+    peak_flops: Optional[PositiveFloat] = Field(
+        None, description="peak FLOP/s of one rank's device for MFU; default: the datasheet figure of a known GPU "
+                          "(trainer.metrics.GPU_PEAKS), measured on CPUs and unknown GPUs")
 
 
 class RunConfig(Section):

@@ -2,9 +2,10 @@
 one-line progress display. Only rank 0 writes; every key is a plain number or list of numbers.
 
 MFU = model FLOPs per token (`trainer.model.counting.flops_per_token`, the `pretrain model info`
-figure) x tokens/s / the device's peak. GPUs use their datasheet peak for the training precision;
-a CPU has no datasheet figure we can trust, so its peak is measured with a large matmul at start-up
-and the log says so.
+figure) x tokens/s of the whole run / the peak of every rank together. GPUs use their datasheet peak
+for the training precision (`GPU_PEAKS`; `logging.peak_flops` overrides it). A CPU has no datasheet
+figure we can trust, so every rank measures a matmul at start-up, all at once and with the threads it
+trains with (ranks on one machine share its cores), and the peaks are summed; the log says so.
 """
 from __future__ import annotations
 
@@ -14,15 +15,33 @@ import os
 import time
 from pathlib import Path
 import torch
+import torch.distributed as dist
 
 from trainer.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-# Dense (no sparsity) tensor-core peaks, FLOP/s, by precision.
-GPU_PEAKS = {"H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+# Datasheet dense (no sparsity) tensor-core peaks, FLOP/s, by precision, matched against
+# torch.cuda.get_device_name() in this order (the more specific names first). fp32 is the non-tensor-core rate.
+GPU_PEAKS = {"H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+             "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
              "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-             "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}}
+             "H800": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+             "GH200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+             "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+             "A800": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+             "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+             "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
+             "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12},
+             "A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
+             "V100": {"fp16": 125e12, "fp32": 15.7e12}}
+
+
+def gpu_datasheet_peak(name: str, precision: str) -> float | None:
+    for key, peaks in GPU_PEAKS.items():
+        if key in name:
+            return peaks.get(precision)
+    return None
 
 
 def measure_cpu_peak(seconds: float = 0.5, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
@@ -38,17 +57,42 @@ def measure_cpu_peak(seconds: float = 0.5, n: int = 1024, dtype: torch.dtype = t
     return best
 
 
-def device_peak(precision: str) -> tuple[float, str]:
-    """(FLOP/s, where the figure comes from)."""
+def device_peak(precision: str, override: float | None = None) -> tuple[float, str]:
+    """(FLOP/s of this process's device, where the figure comes from)."""
+    if override:
+        return override, "logging.peak_flops"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, peaks in GPU_PEAKS.items():
-            if key in name:
-                return peaks[precision], f"{name} datasheet {precision} peak"
+        peak = gpu_datasheet_peak(name, precision)
+        if peak:
+            return peak, f"{name} datasheet {precision} peak"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        a @ a
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+        return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0), \
+            f"{name}: not in GPU_PEAKS, measured by an 8192^2 {precision} matmul (set logging.peak_flops)"
     # CPUs without bf16 units run bf16 matmuls far slower than fp32; the faster of the two is the peak.
     dtypes = [torch.float32] + ([torch.bfloat16] if precision == "bf16" else [])
     peak = max(measure_cpu_peak(dtype=d) for d in dtypes)
     return peak, f"measured by a matmul at start-up, best of {precision} and fp32 ({torch.get_num_threads()} threads)"
+
+
+def world_peak(precision: str, override: float | None = None) -> tuple[float, str]:
+    """Collective when distributed: the sum of every rank's peak, the CPU ones measured by all ranks at
+    once (measured alone, a rank would have the cores its peers train on to itself)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return device_peak(precision, override)
+    dist.barrier()
+    peak, source = device_peak(precision, override)
+    total = torch.tensor([peak], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")  # NCCL reduces GPU tensors only
+    dist.all_reduce(total)
+    return float(total.item()), f"sum over {dist.get_world_size()} ranks, each {source}"
 
 
 def moe_fields(layers: list[int], counts: torch.Tensor, dropped: torch.Tensor, aux_loss: float, z_loss: float) -> dict:
@@ -65,12 +109,13 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: RunConfig, flops_per_token: float, enabled: bool, resumed: bool):
         self.enabled = enabled
         self.flops_per_token = flops_per_token
-        self.peak, self.peak_source = device_peak(cfg.train.precision)
+        self.peak, self.peak_source = world_peak(cfg.train.precision, cfg.logging.peak_flops)
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         if not enabled:
             return
         log.info("MFU peak: %.1f GFLOP/s, %s", self.peak / 1e9, self.peak_source)
+        self.over_peak_warned = False
         self.file = open(self.path, "a")
         self.wandb = self._start_wandb(run_dir, cfg, resumed)
 
@@ -91,8 +136,13 @@ class MetricsLogger:
 
     def log(self, record: dict, step_seconds: float, step_tokens: int) -> dict:
         tps = step_tokens / step_seconds if step_seconds > 0 else 0.0
-        record = {**record, "tokens_per_s": round(tps, 1),
-                  "mfu": round(tps * self.flops_per_token / self.peak, 5) if self.peak else None}
+        mfu = tps * self.flops_per_token / self.peak if self.peak else None
+        if mfu is not None and mfu > 1 and self.enabled and not self.over_peak_warned:
+            self.over_peak_warned = True  # recorded as measured: a figure above 1 means the peak was measured wrong
+            log.warning("step %s: MFU %.2f is above 1: the peak (%s) was measured too low, e.g. while the machine "
+                        "was busier than during training; set logging.peak_flops", record.get("step"), mfu,
+                        self.peak_source)
+        record = {**record, "tokens_per_s": round(tps, 1), "mfu": round(mfu, 5) if mfu is not None else None}
         if self.enabled:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()

@@ -66,9 +66,12 @@ def test_two_processes_train_and_checkpoint(tmp_path, shard_dir, model, zero, ep
     """Loss falls, MoE statistics are logged, and the final checkpoint holds every expert, each rank's part in its own file."""
     run = make_run(tmp_path / "run", shard_dir, model=model, parallel={"zero_stage": zero, "ep_size": ep},
                    train={"max_steps": 8, "global_batch_size": 8}, checkpoint={"interval": 4})
-    run_training(run, nproc=2, port=free_port())
+    proc = run_training(run, nproc=2, port=free_port())
     m = read_metrics(run)
     assert m[8]["loss"] < m[1]["loss"] - 0.5
+    # MFU is over both ranks' peaks, measured at once (each rank's alone would double it)
+    assert "sum over 2 ranks, each measured by a matmul" in proc.stderr
+    assert all(0 < r["mfu"] < 1 for r in m.values())
     assert all(m[s]["grad_norm"] is not None for s in (1, 8))
     step = run / "checkpoints" / "step-8"
     assert (step / "COMPLETE").is_file() and (run / "checkpoints" / "latest").read_text() == "step-8"

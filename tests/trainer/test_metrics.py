@@ -1,7 +1,7 @@
 import torch
 
 from tests.trainer.conftest import FAKE_WANDB_KEY, read_metrics
-from trainer.metrics import measure_cpu_peak, moe_fields, progress_line
+from trainer.metrics import device_peak, gpu_datasheet_peak, measure_cpu_peak, moe_fields, progress_line
 
 DESIGN_KEYS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
 
@@ -37,3 +37,14 @@ def test_moe_fields_are_per_layer_fractions():
 def test_cpu_peak_is_measured_and_plausible():
     peak = measure_cpu_peak(seconds=0.1, n=256)
     assert 1e8 < peak < 1e13
+
+
+def test_gpu_peaks_are_the_datasheets_and_an_override_wins():
+    # Names as torch.cuda.get_device_name() reports them; NVIDIA datasheets, dense bf16.
+    assert gpu_datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert gpu_datasheet_peak("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert gpu_datasheet_peak("NVIDIA H200", "bf16") == 989e12
+    assert gpu_datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert gpu_datasheet_peak("NVIDIA A10G", "bf16") == 70e12
+    assert gpu_datasheet_peak("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 units: measured instead
+    assert device_peak("bf16", override=123e12) == (123e12, "logging.peak_flops")
