@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline_throughput.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/plan_accuracy.py
+	$(BIN)/python bench/dedup_scale.py
+	$(BIN)/python bench/pipeline_end_to_end.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache

@@ -5,7 +5,8 @@
     same optimizer, loss computed the same way), interleaved repeats after warm-up, median and best.
 (b) Switch layer forward + backward: our SwitchFFN against deepspeed.moe.layer.MoE (top-1,
     capacity factor 1.25, no random token selection so both keep tokens in order, same expert
-    MLP), median and best time of interleaved repeats, the median of the per-round ratios
+    MLP), and a dense FFN of one exp's shape on the same tokens (the FLOPs per token a top-1 layer does,
+    without routing), median and best time of interleaved repeats, the median of the per-round ratios
     ("paired": each round times both back to back), and the peak resident memory one step adds
     over the weights (its fresh gradients included, the same size for both), each
     case in a fresh process with glibc's mmap threshold fixed so freed buffers leave RSS at once
@@ -134,6 +135,9 @@ def moe_step(impl: str, num_experts: int, device: str = "cpu") -> tuple[Callable
     x = torch.randn(MOE_TOKENS, MOE_HIDDEN, device=device, requires_grad=True)
     if impl == "ours":
         layer = SwitchFFN(MOE_HIDDEN, MOE_FF, MoEConfig(num_experts=num_experts, capacity_factor=CAPACITY))
+    elif impl == "dense":  # the FFN one expert is: the FLOPs per token a top-1 Switch layer does, without routing
+        layer = nn.Sequential(nn.Linear(MOE_HIDDEN, MOE_FF), nn.GELU(approximate="tanh"),
+                              nn.Linear(MOE_FF, MOE_HIDDEN))
     else:
         import deepspeed.utils.logging
         from deepspeed.moe.layer import MoE
@@ -149,7 +153,10 @@ def moe_step(impl: str, num_experts: int, device: str = "cpu") -> tuple[Callable
     def step() -> None:
         layer.zero_grad(set_to_none=True)
         out = layer(x)
-        y, aux = (out[0], out[1].aux_loss) if impl == "ours" else (out[0], out[1])
+        if impl == "dense":
+            y, aux = out, 0.0
+        else:
+            y, aux = (out[0], out[1].aux_loss) if impl == "ours" else (out[0], out[1])
         (y.square().mean() + aux).backward()
     return step, layer
 
@@ -200,9 +207,10 @@ def cuda_peak_memory(impl: str, num_experts: int) -> int:
 
 def bench_moe(repeats: int, threads: int, device: str = "cpu") -> list[str]:
     rows = ["| experts | ours ms (median / best) | DeepSpeed ms (median / best) | speed ratio DS/ours (median / best "
-            "/ paired) | ours peak MiB | DeepSpeed peak MiB | memory ratio DS/ours |", "|---|---|---|---|---|---|---|"]
+            "/ paired) | ours peak MiB | DeepSpeed peak MiB | memory ratio DS/ours | dense FFN ms (median) | "
+            "ours / dense FFN (paired) |", "|---|---|---|---|---|---|---|---|---|"]
     for e in EXPERT_COUNTS:
-        t = interleaved_times({impl: moe_step(impl, e, device)[0] for impl in ("ours", "deepspeed")}, repeats,
+        t = interleaved_times({impl: moe_step(impl, e, device)[0] for impl in ("ours", "deepspeed", "dense")}, repeats,
                               device=device)
         if device == "cuda":
             mem = {impl: cuda_peak_memory(impl, e) for impl in ("ours", "deepspeed")}
@@ -214,7 +222,8 @@ def bench_moe(repeats: int, threads: int, device: str = "cpu") -> list[str]:
                     f"{ds.best * unit:.0f} | {ds.median / ours.median:.2f} / {ds.best / ours.best:.2f} / "
                     f"{paired_ratio(ds, ours):.2f} | "
                     f"{mem['ours'] / 2**20:.1f} | {mem['deepspeed'] / 2**20:.1f} | "
-                    f"{mem['deepspeed'] / mem['ours']:.2f} |")
+                    f"{mem['deepspeed'] / mem['ours']:.2f} | {t['dense'].median * unit:.0f} | "
+                    f"{paired_ratio(ours, t['dense']):.2f} |")
     if device == "cuda":
         rows[0] = rows[0].replace(" ms ", " us ")
     return rows

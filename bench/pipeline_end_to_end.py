@@ -163,10 +163,18 @@ class RayCluster:
 
         port, client_port = free_port(), free_port()
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
-                        f"--ray-client-server-port={client_port}", f"--num-cpus={self.num_cpus}",
-                        "--include-dashboard=false", "--disable-usage-stats"], env=env,
-                       preexec_fn=self.meter.enter, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+               f"--ray-client-server-port={client_port}", f"--num-cpus={self.num_cpus}", "--include-dashboard=false",
+               "--disable-usage-stats"]
+        for attempt in range(3):  # on a loaded machine the GCS sometimes misses ray start's deadline
+            started = subprocess.run(cmd, env=env, preexec_fn=self.meter.enter, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+            if started.returncode == 0:
+                break
+            self.meter.kill_all()
+            time.sleep(10)
+        else:
+            raise RunFailed(f"`ray start --head` failed 3 times (exit {started.returncode})")
         time.sleep(5)  # let the daemons finish starting before any job is measured
         self.address = f"{get_node_ip_address()}:{port}"
         return self.address
@@ -379,7 +387,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=200, help="HTML payload of the corpus, MB")
     parser.add_argument("--files", type=int, default=4, help="WARC files the corpus is split into")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variants", default="ray1,local,datatrove", help="run every repetition, order rotated")
+    parser.add_argument("--variants", default="ray1,rayup,local,datatrove", help="run every repetition, order rotated")
     parser.add_argument("--once", default="ray2", help="run in the first repetition only (also: trafilatura)")
     parser.add_argument("--work", default="/tmp/pretrain-bench-e2e", help="scratch dir for outputs")
     parser.add_argument("--json", help="also write the figures here")
