@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from data_pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,9 @@ class RayExecutor:
             # ray_current_cluster file) that a bare ray.init() would try to join.
             kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus,
                                                             "include_dashboard": False}
+            if address:
+                check_reachable(address)
+                use_ray_token_rule()
             ray.init(configure_logging=False, **kwargs)
 
     def map(self, fn: Callable, items: Sequence, *args, desc: str = "") -> list:
@@ -69,3 +75,27 @@ class RayExecutor:
     def close(self) -> None:
         if self.owns_ray:
             self.ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuses at once a host:port nobody listens on: ray.init would retry it for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto", ray:// client addresses: Ray resolves these itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise PipelineError(f"--address {address}: no Ray cluster answers there ({e.strerror or e}). Check that it "
+                            f"is running (`ray status --address {address}`), or leave --address out to start a "
+                            "local one") from None
+
+
+def use_ray_token_rule() -> None:
+    """Ray >= 2.5x turns on token authentication for a cluster started while a token exists
+    (~/.ray/auth_token, RAY_AUTH_TOKEN) and RAY_AUTH_MODE is unset; its clients only send the token
+    when told to. Apply the same rule `ray start` applies, so a client matches the cluster it joins."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from cluster.errors import ClusterError
 from cluster.submit import Job
+from data_pipeline.executors import use_ray_token_rule
 
 # The runtime-env variable that holds the resolved YAML (configs are a few KB; no secrets in them).
 CONFIG_ENV = "PRETRAIN_CONFIG_YAML"
@@ -31,21 +32,10 @@ def is_local(address: str | None) -> bool:
     return urlparse(resolve_address(address)).hostname in {"127.0.0.1", "localhost", "::1"}
 
 
-def _use_ray_token_rule() -> None:
-    """Ray >= 2.5x turns on token authentication for a cluster started while a token exists
-    (~/.ray/auth_token, RAY_AUTH_TOKEN) and RAY_AUTH_MODE is unset; its clients only send the token
-    when told to. Apply the same rule `ray start` applies, so our client matches the cluster."""
-    try:
-        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-    except ImportError:  # a Ray without token authentication
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    _use_ray_token_rule()
+    use_ray_token_rule()
     url = resolve_address(address)
     try:
         return JobSubmissionClient(url)

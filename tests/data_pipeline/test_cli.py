@@ -73,3 +73,16 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["data", "verify", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no manifest" in err and "\n" not in err
+
+
+def test_an_address_nobody_listens_on_is_refused_at_once(tmp_path, capsys, repo_root):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["data", "run", str(repo_root / "configs/data/sample.yaml"), "--out", str(tmp_path / "out"),
+                 "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --address 127.0.0.1:{port}: no Ray cluster answers there") and "\n" not in err
+    assert not (tmp_path / "out").exists()
