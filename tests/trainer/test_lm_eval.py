@@ -1,7 +1,9 @@
 """lm-evaluation-harness: tasks written here as YAML over local JSONL files give the same answers through
-`pretrain lm-eval --model pretrain` on a checkpoint and through lm-eval's `--model hf` on its export;
-loglikelihood_rolling is the sum over lm-eval's windows computed directly; generate_until is greedy
-decoding as Hugging Face's generate does it; an encoder-decoder scores continuations and refuses the rest."""
+the bare `lm_eval --model pretrain` on a checkpoint (the project installed with `pip install -e`, whose
+.pth registers the model) and through lm-eval's `--model hf` on its export; `pip install .` registers it
+too, and nothing is imported at start-up; loglikelihood_rolling is the sum over lm-eval's windows computed
+directly; generate_until is greedy decoding as Hugging Face's generate does it, with a KV cache; an
+encoder-decoder scores continuations and refuses the rest."""
 from __future__ import annotations
 
 import json
@@ -90,16 +92,17 @@ def tiktoken_file(shared_data: Path) -> str:
     return str(shared_data / "tokenizer" / "gpt2" / "r50k_base.tiktoken")
 
 
-def run_lm_eval(command: list[str], model_args: str, task_dir: Path, out: Path, env: dict = None) -> dict:
+def run_lm_eval(command: list[str], model_args: str, task_dir: Path, out: Path, env: dict = None,
+                tasks: tuple[str, ...] = TASKS, extra: tuple[str, ...] = ()) -> dict:
     """lm-eval's CLI offline, in its own process: {"samples": task -> its logged samples in document order,
     "results": task -> metrics}."""
     env = (env or child_env()) | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(out / "hf-home")}
-    proc = subprocess.run([*command, "--model_args", model_args, "--tasks", ",".join(TASKS), "--include_path",
+    proc = subprocess.run([*command, "--model_args", model_args, "--tasks", ",".join(tasks), "--include_path",
                            str(task_dir), "--batch_size", "4", "--device", "cpu", "--output_path", str(out),
-                           "--log_samples"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--log_samples", *extra], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     samples = {}
-    for task in TASKS:
+    for task in tasks:
         (path,) = out.rglob(f"samples_{task}_*.jsonl")
         samples[task] = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
     (results,) = out.rglob("results_*.json")
@@ -142,14 +145,6 @@ def assert_same_answers(ours: dict, hf: dict) -> None:
     assert sum(map(bool, generated)) >= len(generated) // 2 and len(set(generated)) > 1
 
 
-@pytest.mark.slow
-def test_tasks_give_the_same_answers_through_our_adapter_and_through_hf(run, hf_answers, task_dir, shared_data,
-                                                                        tmp_path):
-    ours = run_lm_eval([sys.executable, "-m", "cluster.cli", "lm-eval", "--model", "pretrain"],
-                       f"checkpoint={run},tokenizer={tiktoken_file(shared_data)}", task_dir, tmp_path / "ours")
-    assert_same_answers(ours, hf_answers)
-
-
 def install_into_venv(venv: Path, editable: bool) -> Path:
     """This project, installed (no dependencies) into a new venv that reads the test environment's
     site-packages as a plain path (so its own .pth files, this project's editable install among them,
@@ -178,12 +173,23 @@ print(json.dumps({"started": started, "pretrain": inspect.getfile(get_model("pre
                   "hf": get_model("hf").__name__}))"""
 
 
+@pytest.fixture(scope="module")
+def editable_python(tmp_path_factory) -> Path:
+    """The python of a venv with this project installed as `make setup` installs it (`pip install -e`)."""
+    return install_into_venv(tmp_path_factory.mktemp("editable") / "venv", editable=True)
+
+
+def no_pythonpath(env: dict) -> dict:
+    """Without PYTHONPATH: the installed project, and what its install put in site-packages, are what run."""
+    return {k: v for k, v in env.items() if k != "PYTHONPATH"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("editable", [False, True], ids=["pip-install", "pip-install-e"])
-def test_an_install_registers_pretrain_with_lm_eval_without_importing_it_at_startup(tmp_path, editable):
-    python = install_into_venv(tmp_path / "venv", editable)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    probe = json.loads(subprocess.check_output([str(python), "-c", PROBE], env=env, cwd=tmp_path, text=True))
+def test_an_install_registers_pretrain_with_lm_eval_without_importing_it_at_startup(tmp_path, editable, request):
+    python = request.getfixturevalue("editable_python") if editable else install_into_venv(tmp_path / "venv", False)
+    probe = json.loads(subprocess.check_output([str(python), "-c", PROBE], env=no_pythonpath(dict(os.environ)),
+                                               cwd=tmp_path, text=True))
     assert probe["started"] == {"lm_eval": False, "torch": False, "trainer": False, "transformers": False}
     where = REPO if editable else tmp_path / "venv"
     assert Path(probe["pretrain"]).is_relative_to(where) and probe["pretrain"].endswith("trainer/harness.py")
@@ -191,15 +197,27 @@ def test_an_install_registers_pretrain_with_lm_eval_without_importing_it_at_star
 
 
 @pytest.mark.slow
-def test_the_bare_lm_eval_command_knows_model_pretrain(run, hf_answers, task_dir, shared_data, tmp_path):
-    """`lm_eval --model pretrain` (lm-eval's own console script) after `pip install -e .`, as `make test`
-    installs the project: the answers of --model hf on the export."""
-    python = install_into_venv(tmp_path / "venv", editable=True)
-    console_script = Path(sys.executable).parent / "lm_eval"  # run by the venv's python: its site-packages
-    env = {k: v for k, v in child_env().items() if k != "PYTHONPATH"}
-    ours = run_lm_eval([str(python), str(console_script), "--model", "pretrain"],
-                       f"checkpoint={run},tokenizer={tiktoken_file(shared_data)}", task_dir, tmp_path / "ours", env)
+def test_the_bare_lm_eval_command_gives_the_answers_of_model_hf(run, editable_python, hf_answers, task_dir,
+                                                                shared_data, tmp_path):
+    """`lm_eval --model pretrain` (lm-eval's own console script, run by the venv's python so its
+    site-packages are the ones read) on a checkpoint; `--model hf` on its export is the reference."""
+    console_script = Path(sys.executable).parent / "lm_eval"
+    ours = run_lm_eval([str(editable_python), str(console_script), "--model", "pretrain"],
+                       f"checkpoint={run},tokenizer={tiktoken_file(shared_data)}", task_dir, tmp_path / "ours",
+                       no_pythonpath(child_env()))
     assert_same_answers(ours, hf_answers)
+
+
+@pytest.mark.slow
+def test_pretrain_lm_eval_registers_the_model_in_a_source_tree_that_was_never_installed(run, hf_answers, task_dir,
+                                                                                       shared_data, tmp_path):
+    """`pretrain lm-eval` run from the source tree (PYTHONPATH; no hook .pth of this tree in site-packages)."""
+    ours = run_lm_eval([sys.executable, "-m", "cluster.cli", "lm-eval", "--model", "pretrain"],
+                       f"checkpoint={run},tokenizer={tiktoken_file(shared_data)}", task_dir, tmp_path / "ours",
+                       tasks=("pretrain_mc",), extra=("--limit", "5"))
+    got = [[float(ll) for ll, _ in s["filtered_resps"]] for s in ours["samples"]["pretrain_mc"]]
+    want = [[float(ll) for ll, _ in s["filtered_resps"]] for s in hf_answers["samples"]["pretrain_mc"][:5]]
+    assert len(got) == 5 and got == [pytest.approx(w, rel=1e-5, abs=1e-4) for w in want]
 
 
 def instances(request_type: str, args: list[tuple]) -> list:
