@@ -1,9 +1,10 @@
 """EleutherAI's lm-evaluation-harness (`lm-eval`) for our checkpoints: the model `pretrain`.
 
-    pretrain lm-eval --model pretrain --model_args checkpoint=RUN_DIR --tasks lambada_openai,hellaswag --batch_size 16
+    lm_eval --model pretrain --model_args checkpoint=RUN_DIR --tasks lambada_openai,hellaswag --batch_size 16
 
-lm-eval finds a model only once its module is imported, so `pretrain lm-eval` (or `python -m
-trainer.harness`) imports this one and hands every argument to lm-eval's own CLI. model_args:
+The install's pretrain_lm_eval_hook.pth registers the model with lm-eval (pretrain_lm_eval_hook.py);
+`pretrain lm-eval` (or `python -m trainer.harness`) registers it too, then hands every argument to
+lm-eval's own CLI, so it works from a source tree that was never installed. model_args:
 `checkpoint` (a run dir, its newest complete checkpoint, or a step dir), `device` (default cuda when
 there is one), `dtype` (float32, bfloat16 or float16), `tokenizer` (GPT-2's .tiktoken file, where the
 run's data manifest no longer names one), `max_gen_toks` (default 256).
@@ -15,62 +16,26 @@ generation of text is not what its span-corruption training made it for, so thos
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from trainer.errors import TrainError
 from trainer.eval import default_device, run_tokenizer
 from trainer.pretrained import load_pretrained
-from trainer.scoring import continuation_logprobs, device_of, padded
+from trainer.sample import decode_steps
+from trainer.scoring import continuation_logprobs
+
+import pretrain_lm_eval_hook
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLING_KEYS = {"top_k"}  # besides lm-eval's normalised until, max_gen_toks, do_sample and temperature
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> torch.Tensor:
-    """Argmax at temperature 0, else a draw from softmax(logits / temperature) over the top_k logits."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_k: Optional[int] = None, stop: Callable[[list[int]], bool] = lambda new: False,
-             vocab: Optional[int] = None) -> list[list[int]]:
-    """The new tokens of each prompt, ids below `vocab` (what the tokenizer decodes; a model's table may be
-    larger); a row ends after max_new_tokens or once stop(its new tokens). Without a KV cache: each step
-    reruns the unfinished rows, right-padded (causal attention keeps the padding out of each row's last
-    real position)."""
-    device = device_of(model)
-    rows, new = [list(p) for p in prompts], [[] for _ in prompts]
-    active = list(range(len(prompts)))
-    for _ in range(max_new_tokens):
-        if not active:
-            break
-        last = torch.tensor([len(rows[i]) - 1 for i in active], device=device)
-        logits = model(padded([rows[i] for i in active], 0, device)).logits
-        last_logits = logits[torch.arange(len(active), device=device), last, :vocab].float()
-        chosen = next_tokens(last_logits, temperature, top_k)
-        for i, token in zip(active, chosen.tolist()):
-            rows[i].append(token)
-            new[i].append(token)
-        active = [i for i in active if not stop(new[i])]
-    return new
-
-
-@register_model("pretrain")
 class PretrainLM(TemplateLM):
     """A `pretrain` checkpoint as an lm-eval model, with the tokenizer its data run recorded."""
 
@@ -144,23 +109,30 @@ class PretrainLM(TemplateLM):
         return until, max_gen_toks, temperature if do_sample else 0.0, kwargs.get("top_k")
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Batches of requests with the same generation settings, longest prompt first (lm-eval's Collator);
-        each prompt keeps its last n_ctx - max_gen_toks tokens."""
+        """Each prompt's last n_ctx - max_gen_toks tokens, decoded one request at a time with a KV cache
+        (trainer/sample.py, as `pretrain sample`) until a stop string, EOT or max_gen_toks; a sampling
+        request's seed is drawn from torch's global generator, which lm-eval's --seed sets."""
         self.require_decoder("generate_until")
-        collator = Collator([req.args for req in requests], sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
-                            group_by="gen_kwargs", group_fn=lambda r: r[1])
         out = []
-        for chunk in tqdm(collator.get_batched(n=self.batch_size), disable=disable_tqdm, desc="pretrain: generating"):
-            contexts, all_kwargs = zip(*chunk)
-            until, max_gen_toks, temperature, top_k = self.generation_settings(all_kwargs[0])
-            prompts = [self.tok_encode(c)[-(self.max_length - max_gen_toks):] or [self.eot_token_id] for c in contexts]
-            new_tokens = generate(self.model, prompts, max_gen_toks, temperature, top_k, vocab=self.enc.n_vocab,
-                                  stop=lambda new: any(s in self.tok_decode(new) for s in until))
-            for context, kwargs, new in zip(contexts, all_kwargs, new_tokens):
-                text = postprocess_generated_text(self.tok_decode(new), until, None)
-                self.cache_hook.add_partial("generate_until", (context, kwargs), text)
-                out.append(text)
-        return collator.get_original(out)
+        for req in tqdm(requests, disable=disable_tqdm, desc="pretrain: generating"):
+            context, kwargs = req.args
+            until, max_gen_toks, temperature, top_k = self.generation_settings(kwargs)
+            prompt = self.tok_encode(context)[-(self.max_length - max_gen_toks):] or [self.eot_token_id]
+            seed = int(torch.randint(2**62, ())) if temperature else 0
+            new = []
+            for token, _ in decode_steps(self.model, prompt, max_gen_toks, temperature, top_k, seed,
+                                         stop_id=self.eot_token_id, vocab=self.enc.n_vocab):
+                new.append(token)
+                if any(stop in self.tok_decode(new) for stop in until):
+                    break
+            text = postprocess_generated_text(self.tok_decode(new), until, None)
+            self.cache_hook.add_partial("generate_until", (context, kwargs), text)
+            out.append(text)
+        return out
+
+
+# lm-eval finds the model by this placeholder, also where no install put the hook's .pth in site-packages.
+pretrain_lm_eval_hook.register()
 
 
 def main(argv: list[str]) -> None:

@@ -38,8 +38,9 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], g
 @torch.no_grad()
 def decode_steps(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                  top_k: Optional[int] = None, seed: int = 0,
-                 stop_id: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """(token, the logits (V,) it was picked from) for each new token; the model is in eval mode."""
+                 stop_id: Optional[int] = None, vocab: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(token, the logits (V,) it was picked from) for each new token; the model is in eval mode.
+    vocab: pick among the first `vocab` ids only (what a tokenizer decodes, where the table is larger)."""
     device = model.lm_head.weight.device
     cache = model.new_cache()
     prompt_ids = torch.tensor([prompt], device=device)
@@ -54,7 +55,7 @@ def decode_steps(model, prompt: list[int], max_new_tokens: int, temperature: flo
     generator = torch.Generator(device).manual_seed(seed)
     token = None
     for i in range(max_new_tokens):
-        logits = step(first if i == 0 else torch.tensor([[token]], device=device))
+        logits = step(first if i == 0 else torch.tensor([[token]], device=device))[:vocab]
         token = next_token(logits, temperature, top_k, generator)
         yield token, logits
         if token == stop_id:

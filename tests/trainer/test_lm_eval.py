@@ -1,14 +1,18 @@
 """lm-evaluation-harness: tasks written here as YAML over local JSONL files give the same answers through
-`pretrain lm-eval --model pretrain` on a checkpoint and through lm-eval's `--model hf` on its export;
-loglikelihood_rolling is the sum over lm-eval's windows computed directly; generate_until is greedy
-decoding as Hugging Face's generate does it; an encoder-decoder scores continuations and refuses the rest."""
+the bare `lm_eval --model pretrain` on a checkpoint (the project installed with `pip install -e`, whose
+.pth registers the model) and through lm-eval's `--model hf` on its export; `pip install .` registers it
+too, and nothing is imported at start-up; loglikelihood_rolling is the sum over lm-eval's windows computed
+directly; generate_until is greedy decoding as Hugging Face's generate does it, with a KV cache; an
+encoder-decoder scores continuations and refuses the rest."""
 from __future__ import annotations
 
 import json
 import random
 import re
+import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -88,32 +92,39 @@ def tiktoken_file(shared_data: Path) -> str:
     return str(shared_data / "tokenizer" / "gpt2" / "r50k_base.tiktoken")
 
 
-def run_lm_eval(command: list[str], model_args: str, task_dir: Path, out: Path) -> dict:
+def run_lm_eval(command: list[str], model_args: str, task_dir: Path, out: Path, env: dict = None,
+                tasks: tuple[str, ...] = TASKS, extra: tuple[str, ...] = ()) -> dict:
     """lm-eval's CLI offline, in its own process: {"samples": task -> its logged samples in document order,
     "results": task -> metrics}."""
-    env = child_env() | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(out / "hf-home")}
-    proc = subprocess.run([*command, "--model_args", model_args, "--tasks", ",".join(TASKS), "--include_path",
+    env = (env or child_env()) | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(out / "hf-home")}
+    proc = subprocess.run([*command, "--model_args", model_args, "--tasks", ",".join(tasks), "--include_path",
                            str(task_dir), "--batch_size", "4", "--device", "cpu", "--output_path", str(out),
-                           "--log_samples"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--log_samples", *extra], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     samples = {}
-    for task in TASKS:
+    for task in tasks:
         (path,) = out.rglob(f"samples_{task}_*.jsonl")
         samples[task] = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
     (results,) = out.rglob("results_*.json")
     return {"samples": samples, "results": json.loads(results.read_text())["results"]}
 
 
-@pytest.mark.slow
-def test_tasks_give_the_same_answers_through_our_adapter_and_through_hf(run, exported, shared_data, tmp_path):
-    model_dir, tokenizer_dir = exported
-    task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, shared_data) -> Path:
+    task_dir = tmp_path_factory.mktemp("tasks")
     write_tasks(task_dir, task_documents(shared_data))
-    ours = run_lm_eval([sys.executable, "-m", "cluster.cli", "lm-eval", "--model", "pretrain"],
-                       f"checkpoint={run},tokenizer={tiktoken_file(shared_data)}", task_dir, tmp_path / "ours")
-    hf = run_lm_eval([sys.executable, "-m", "lm_eval", "--model", "hf"],
-                     f"pretrained={model_dir},tokenizer={tokenizer_dir}", task_dir, tmp_path / "hf")
+    return task_dir
+
+
+@pytest.fixture(scope="module")
+def hf_answers(exported, task_dir, tmp_path_factory) -> dict:
+    """The reference: lm-eval's own `--model hf` on the export."""
+    model_dir, tokenizer_dir = exported
+    return run_lm_eval([sys.executable, "-m", "lm_eval", "--model", "hf"],
+                       f"pretrained={model_dir},tokenizer={tokenizer_dir}", task_dir, tmp_path_factory.mktemp("hf"))
+
+
+def assert_same_answers(ours: dict, hf: dict) -> None:
     for task in TASKS:
         assert len(ours["samples"][task]) == len(hf["samples"][task]) >= 5
         for a, b in zip(ours["samples"][task], hf["samples"][task]):
@@ -132,6 +143,81 @@ def test_tasks_give_the_same_answers_through_our_adapter_and_through_hf(run, exp
         assert ours["results"][task][metric] == pytest.approx(hf["results"][task][metric], rel=1e-4)
     generated = [s["filtered_resps"][0] for s in ours["samples"]["pretrain_gen"]]
     assert sum(map(bool, generated)) >= len(generated) // 2 and len(set(generated)) > 1
+
+
+def install_into_venv(venv: Path, editable: bool) -> Path:
+    """This project, installed (no dependencies) into a new venv that reads the test environment's
+    site-packages as a plain path (so its own .pth files, this project's editable install among them,
+    stay inactive); the venv's python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = Path(subprocess.check_output([str(python), "-c", PURELIB], text=True).strip())
+    (purelib / "zz_test_environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           *(["-e"] if editable else []), str(REPO)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (purelib / "pretrain_lm_eval_hook.pth").is_file()
+    return python
+
+
+PURELIB = "import sysconfig; print(sysconfig.get_path('purelib'))"
+# What an interpreter has imported on starting, and where lm-eval's `pretrain` comes from once lm-eval's
+# models are imported the way its CLI imports them.
+PROBE = """import json, sys
+started = {m: m in sys.modules for m in ("lm_eval", "torch", "trainer", "transformers")}
+from lm_eval.api.registry import get_model
+import inspect
+print(json.dumps({"started": started, "pretrain": inspect.getfile(get_model("pretrain")),
+                  "hf": get_model("hf").__name__}))"""
+
+
+@pytest.fixture(scope="module")
+def editable_python(tmp_path_factory) -> Path:
+    """The python of a venv with this project installed as `make setup` installs it (`pip install -e`)."""
+    return install_into_venv(tmp_path_factory.mktemp("editable") / "venv", editable=True)
+
+
+def no_pythonpath(env: dict) -> dict:
+    """Without PYTHONPATH: the installed project, and what its install put in site-packages, are what run."""
+    return {k: v for k, v in env.items() if k != "PYTHONPATH"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("editable", [False, True], ids=["pip-install", "pip-install-e"])
+def test_an_install_registers_pretrain_with_lm_eval_without_importing_it_at_startup(tmp_path, editable, request):
+    python = request.getfixturevalue("editable_python") if editable else install_into_venv(tmp_path / "venv", False)
+    probe = json.loads(subprocess.check_output([str(python), "-c", PROBE], env=no_pythonpath(dict(os.environ)),
+                                               cwd=tmp_path, text=True))
+    assert probe["started"] == {"lm_eval": False, "torch": False, "trainer": False, "transformers": False}
+    where = REPO if editable else tmp_path / "venv"
+    assert Path(probe["pretrain"]).is_relative_to(where) and probe["pretrain"].endswith("trainer/harness.py")
+    assert probe["hf"] == "HFLM"  # lm-eval's own models are all still there
+
+
+@pytest.mark.slow
+def test_the_bare_lm_eval_command_gives_the_answers_of_model_hf(run, editable_python, hf_answers, task_dir,
+                                                                shared_data, tmp_path):
+    """`lm_eval --model pretrain` (lm-eval's own console script, run by the venv's python so its
+    site-packages are the ones read) on a checkpoint; `--model hf` on its export is the reference."""
+    console_script = Path(sys.executable).parent / "lm_eval"
+    ours = run_lm_eval([str(editable_python), str(console_script), "--model", "pretrain"],
+                       f"checkpoint={run},tokenizer={tiktoken_file(shared_data)}", task_dir, tmp_path / "ours",
+                       no_pythonpath(child_env()))
+    assert_same_answers(ours, hf_answers)
+
+
+@pytest.mark.slow
+def test_pretrain_lm_eval_registers_the_model_in_a_source_tree_that_was_never_installed(run, hf_answers, task_dir,
+                                                                                       shared_data, tmp_path):
+    """`pretrain lm-eval` run from the source tree (PYTHONPATH; no hook .pth of this tree in site-packages)."""
+    ours = run_lm_eval([sys.executable, "-m", "cluster.cli", "lm-eval", "--model", "pretrain"],
+                       f"checkpoint={run},tokenizer={tiktoken_file(shared_data)}", task_dir, tmp_path / "ours",
+                       tasks=("pretrain_mc",), extra=("--limit", "5"))
+    got = [[float(ll) for ll, _ in s["filtered_resps"]] for s in ours["samples"]["pretrain_mc"]]
+    want = [[float(ll) for ll, _ in s["filtered_resps"]] for s in hf_answers["samples"]["pretrain_mc"][:5]]
+    assert len(got) == 5 and got == [pytest.approx(w, rel=1e-5, abs=1e-4) for w in want]
 
 
 def instances(request_type: str, args: list[tuple]) -> list:
@@ -166,15 +252,22 @@ def test_loglikelihood_rolling_is_the_sum_over_windows_of_n_ctx_predictions(adap
     assert len(adapter.tok_encode(texts[0])) > 3 * n_ctx and got[2] == 0.0
 
 
-def test_generate_until_is_greedy_decoding(adapter, exported):
-    """Batched, right-padded, with the prompt cut to n_ctx - max_gen_toks: Hugging Face's greedy generate on
-    the export, one prompt at a time, cut at the first stop string."""
+def test_generate_until_is_greedy_decoding_with_a_kv_cache(adapter, exported):
+    """With the prompt cut to n_ctx - max_gen_toks: Hugging Face's greedy generate on the export, cut at the
+    first stop string; after reading its prompt the model is given one new token a step (a KV cache)."""
     from transformers import GPT2LMHeadModel
 
     hf = GPT2LMHeadModel.from_pretrained(exported[0]).eval()
     prompts = ["It was a truth universally acknowledged", "Anne", "Captain Wentworth said that " * 20]
     stops = {"until": [" the", "\n"], "max_gen_toks": 16, "do_sample": False}
-    got = adapter.generate_until(instances("generate_until", [(p, stops) for p in prompts]), disable_tqdm=True)
+    lengths = []
+    hook = adapter.model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    try:
+        got = adapter.generate_until(instances("generate_until", [(p, stops) for p in prompts]), disable_tqdm=True)
+    finally:
+        hook.remove()
+    prompt_lengths = [len(adapter.tok_encode(p)[-(adapter.max_length - 16):]) for p in prompts]
+    assert [n for n in lengths if n > 1] == [n for n in prompt_lengths if n > 1] and len(lengths) > 2 * len(prompts)
     for prompt, text in zip(prompts, got):
         ids = torch.tensor([adapter.tok_encode(prompt)[-(adapter.max_length - 16):]])
         with torch.no_grad():
