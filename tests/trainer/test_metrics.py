@@ -1,7 +1,10 @@
 import torch
+import yaml
 
-from tests.trainer.conftest import FAKE_WANDB_KEY, read_metrics
-from trainer.metrics import measure_cpu_peak, moe_fields, progress_line
+from tests.trainer.conftest import FAKE_WANDB_KEY, make_run, read_metrics
+from tests.trainer.wandb_records import history
+from trainer.config import RunConfig
+from trainer.metrics import MetricsLogger, measure_cpu_peak, moe_fields, progress_line
 
 DESIGN_KEYS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
 
@@ -37,3 +40,24 @@ def test_moe_fields_are_per_layer_fractions():
 def test_cpu_peak_is_measured_and_plausible():
     peak = measure_cpu_peak(seconds=0.1, n=256)
     assert 1e8 < peak < 1e13
+
+
+def test_wandb_gets_the_moe_lists_as_per_expert_series(tmp_path, monkeypatch):
+    """Real wandb offline; read back from the run's own transaction log."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = make_run(tmp_path / "run", tmp_path / "no-data", logging={"wandb_mode": "offline"})
+    cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+    logger = MetricsLogger(run, cfg, flops_per_token=1e6, enabled=True, resumed=False)
+    counts = torch.tensor([[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    for step in (1, 2):
+        logger.log({"step": step, "loss": 3.0, "lr": 1e-3, "tokens_by_source": {"books": 10, "web": 30},
+                    **moe_fields([1, 3], counts, torch.tensor([0.25, 0.0]), aux_loss=1.1, z_loss=0.5)},
+                   step_seconds=1.0, step_tokens=100)
+    logger.close()
+    rows = [r for r in history(run) if r.get("_step") == 2]
+    assert rows, history(run)
+    row = rows[0]
+    assert row["moe/layer1/expert0_load"] == 0.75 and row["moe/layer1/expert1_load"] == 0.25
+    assert row["moe/layer3/expert3_load"] == 0.25 and row["moe/layer1/dropped_frac"] == 0.25
+    assert row["moe/layer3/dropped_frac"] == 0.0 and row["dropped_frac"] == 0.125
+    assert row["tokens_by_source.books"] == 10 and row["loss"] == 3.0 and "mfu" in row
