@@ -18,15 +18,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="where to write the HTML (default: DIR/report.html; several dirs: "
                                  "compare.html beside the first)")
     p.add_argument("--serve", action="store_true", help="serve the dashboard on 127.0.0.1 and refresh it live")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port for --serve (default {DEFAULT_PORT}; 0: any free)")
+    p.add_argument("--port", type=int, help=f"port for --serve (default {DEFAULT_PORT}; 0: any free)")
     p.set_defaults(func=run_report)
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from cluster.errors import ClusterError
+
+    if args.serve and args.out:
+        raise ClusterError("--out writes a file and --serve serves the page: pass one of them")
+    if args.port is not None and not args.serve:
+        raise ClusterError("--port is the port for --serve: add --serve, or drop --port")
     if args.serve:
         from cluster.report_server import serve
 
-        serve(args.directories, args.port)
+        serve(args.directories, DEFAULT_PORT if args.port is None else args.port)
         return 0
     from cluster.dashboard import write_report
 

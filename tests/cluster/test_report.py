@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -207,3 +208,23 @@ def test_overlay_has_a_series_per_run_and_legends_fit(tmp_path, browser):
                   .map(() => p.id + ': legend scrolls'));
     })""")
     assert outside == []
+
+
+def test_serve_flags_that_conflict_are_named(tmp_path, capsys):
+    write_metrics(tmp_path / "run", moe=False)
+    assert main(["report", str(tmp_path / "run"), "--port", "8123"]) == 2
+    assert "--port is the port for --serve" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "run"), "--serve", "--out", str(tmp_path / "x.html")]) == 2
+    assert "--out writes a file and --serve" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "run"), str(tmp_path / "missing")]) == 2
+    assert "missing: not a directory" in capsys.readouterr().err
+
+
+def test_serving_on_a_port_in_use_is_a_clear_error(tmp_path, capsys):
+    write_metrics(tmp_path / "run", moe=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["report", str(tmp_path / "run"), "--serve", "--port", str(port)]) == 2
+    assert f"--port {port}: already in use" in capsys.readouterr().err
