@@ -9,15 +9,14 @@ import math
 import re
 from html import escape
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
-import plotly.graph_objects as go
 import yaml
 
 from cluster.charts import PALETTE, draw_script, heatmap, line_chart, plotly_script, stacked_bars
 from cluster.errors import ClusterError
 
-Block = tuple[str, Union[str, go.Figure]]  # (element id, HTML or chart)
+Block = tuple[str, Union[str, dict]]  # (element id, HTML or chart)
 
 # One colour per training chart when a single run is shown; with several runs, one colour per run.
 TRAIN_CHARTS = {  # key in metrics.jsonl: (title, colour)
@@ -29,6 +28,7 @@ TRAIN_CHARTS = {  # key in metrics.jsonl: (title, colour)
 }
 MOE_COLOURS = {"dropped_frac": PALETTE[5], "aux_loss": PALETTE[6], "z_loss": PALETTE[7]}
 SOURCE_COLOURS = [PALETTE[8], "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896"]  # apart from the charts above
+MAX_POINTS = 2000  # per chart series; the summary table still reads every record
 KEPT_COLOUR = "#54a24b"  # not in PALETTE: the kept share stays distinct from every reason
 # Config keys whose values never go into a report (a key pasted into a config by mistake stays private).
 SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|credential)", re.IGNORECASE)
@@ -43,20 +43,54 @@ pre{background:#f7f7f7;padding:8px;overflow:auto;max-height:400px}
 """
 
 
-def read_metrics(path: Path) -> tuple[list[dict], int]:
-    """(records by step, lines that could not be parsed). A resumed run logs some steps again:
-    the last record of a step wins, since it is the one the run continued from."""
-    by_step: dict[int, dict] = {}
-    bad = 0
-    for line in path.read_text(errors="replace").splitlines():
+class MetricsTail:
+    """Reads metrics.jsonl, and on later calls only the lines appended since: a live dashboard of a
+    long run re-parses nothing. A resumed run logs some steps again: the last record of a step wins,
+    since it is the one the run continued from."""
+
+    def __init__(self, path: Path):
+        self.path, self.inode, self.offset = path, None, 0
+        self.by_step: dict[int, dict] = {}
+        self.bad = 0
+
+    def _add(self, line: bytes, by_step: dict[int, dict]) -> int:
+        """Adds the line's record; 1 if it could not be parsed (e.g. the torn last line of a killed run)."""
         if not line.strip():
-            continue
+            return 0
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode(errors="replace"))
             by_step[int(record["step"])] = record
+            return 0
         except (ValueError, KeyError, TypeError):
-            bad += 1  # e.g. the torn last line of a run that was killed mid-write, or one being written
-    return [by_step[s] for s in sorted(by_step)], bad
+            return 1
+
+    def read(self) -> tuple[list[dict], int]:
+        """(records by step, lines that could not be parsed)."""
+        stat = self.path.stat()
+        if stat.st_ino != self.inode or stat.st_size < self.offset:  # replaced or truncated: start over
+            self.__init__(self.path)
+            self.inode = stat.st_ino
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # a line without its newline yet may still be being written
+        self.bad += sum(self._add(line, self.by_step) for line in chunk[:end].splitlines())
+        self.offset += end
+        by_step = dict(self.by_step)
+        bad = self.bad + self._add(chunk[end:], by_step)
+        return [by_step[s] for s in sorted(by_step)], bad
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    return MetricsTail(path).read()
+
+
+def thin(records: list[dict], limit: int = MAX_POINTS) -> list[dict]:
+    """Every k-th record and the last, at most about `limit`: a long run's charts stay light to draw."""
+    if len(records) <= limit:
+        return records
+    step = -(-len(records) // limit)
+    return records[:-1:step] + records[-1:]
 
 
 def scrub(value: Any) -> Any:
@@ -87,7 +121,7 @@ def training_blocks(runs: list[tuple[str, list[dict], int]]) -> list[Block]:
               "unparsable lines skipped"]
     blocks: list[Block] = [("training-summary", "<h2>Training</h2>" + _table(header, rows))]
     for key, (title, colour) in TRAIN_CHARTS.items():
-        series = [(label if len(runs) > 1 else key, *_series(records, key), colour if len(runs) == 1 else
+        series = [(label if len(runs) > 1 else key, *_series(thin(records), key), colour if len(runs) == 1 else
                    PALETTE[i % len(PALETTE)]) for i, (label, records, _) in enumerate(runs)]
         blocks.append((f"train-{key}", line_chart(title, series)))
     return blocks
@@ -105,7 +139,7 @@ def run_detail_blocks(prefix: str, label: str, records: list[dict]) -> list[Bloc
     return blocks
 
 
-def source_share_chart(records: list[dict]) -> go.Figure:
+def source_share_chart(records: list[dict]) -> dict:
     """Each source's share of the training tokens drawn so far: it should settle on its mixture weight."""
     mixed = [r for r in records if r.get("tokens_by_source")]
     names = sorted(mixed[-1]["tokens_by_source"])
@@ -117,7 +151,7 @@ def source_share_chart(records: list[dict]) -> go.Figure:
     return line_chart("Share of training tokens by source", series)
 
 
-def moe_charts(records: list[dict]) -> list[tuple[str, go.Figure]]:
+def moe_charts(records: list[dict]) -> list[tuple[str, dict]]:
     """Router losses, dropped tokens (overall and per layer) over time, and one expert-load heatmap per MoE layer."""
     moe = [r for r in records if "expert_load" in r]
     layers = moe[-1].get("moe_layers") or list(range(len(moe[-1]["expert_load"])))
@@ -193,7 +227,7 @@ def data_blocks(prefix: str, data_dir: Path) -> list[Block]:
 
 
 def _removed_chart(title: str, labels: list[str], reasons: list[str], stats: dict[str, list[dict]],
-                   kept: list[float]) -> go.Figure:
+                   kept: list[float]) -> dict:
     parts = [("kept", [float(k) for k in kept], KEPT_COLOUR)]
     for j, reason in enumerate(reasons):
         colour = PALETTE[(j + 3) % len(PALETTE)]
@@ -238,22 +272,23 @@ def check_dirs(dirs: list[Path]) -> None:
             raise ClusterError(f"{d}: neither a run dir (metrics.jsonl) nor a data output dir (report.json)")
 
 
-def build_blocks(dirs: list[Path]) -> tuple[str, list[Block]]:
-    """(page title, blocks) for run dirs and data dirs, in the order given."""
+def build_blocks(dirs: list[Path], read: Callable[[Path], tuple[list[dict], int]] = read_metrics
+                 ) -> tuple[str, list[Block]]:
+    """(page title, blocks) for run dirs and data dirs, in the order given; `read` reads a metrics.jsonl."""
     check_dirs(dirs)
     labels = run_labels(dirs)
     runs = [(label, d) for label, d in zip(labels, dirs) if (d / "metrics.jsonl").is_file()]
     data_dirs = [d for d in dirs if (d / "report.json").is_file()]
     blocks: list[Block] = []
-    read = [(label, *read_metrics(d / "metrics.jsonl")) for label, d in runs]
+    metrics = [(label, *read(d / "metrics.jsonl")) for label, d in runs]
     if runs:
-        blocks += training_blocks(read)
+        blocks += training_blocks(metrics)
     names = []
-    for i, ((label, d), (_, records, _)) in enumerate(zip(runs, read)):
+    for i, ((label, d), (_, records, _)) in enumerate(zip(runs, metrics)):
         config_html, config = read_config(d, f": {label}" if len(runs) > 1 else "")
         model = config.get("model") if isinstance(config.get("model"), dict) else {}
         names.append(model.get("name", ""))
-        blocks += run_detail_blocks(f"run{i}", label if len(runs) > 1 else "", records)
+        blocks += run_detail_blocks(f"run{i}", label if len(runs) > 1 else "", thin(records))
         if config_html:
             blocks.append((f"run{i}-config", config_html))
         data_dir = _data_dir_of(config, d)
@@ -270,7 +305,7 @@ def render(title: str, subtitle_html: str, blocks: list[Block], live_script: str
     """The page: each HTML block in its own element, runs of charts side by side in a grid."""
     body, grid = [], []
     for element_id, content in blocks + [("", "")]:
-        if isinstance(content, go.Figure):
+        if isinstance(content, dict):
             grid.append(f'<div class="chart"><div id="{element_id}" class="plot"></div></div>')
             continue
         if grid:
@@ -278,7 +313,7 @@ def render(title: str, subtitle_html: str, blocks: list[Block], live_script: str
             grid = []
         if element_id:
             body.append(f'<div id="{element_id}">{content}</div>')
-    figures = {i: c for i, c in blocks if isinstance(c, go.Figure)}
+    figures = {i: c for i, c in blocks if isinstance(c, dict)}
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f"<style>{CSS}</style>{plotly_script()}</head><body><h1>{escape(title)}</h1>"
             f'<p class="muted">{subtitle_html}</p>{"".join(body)}{draw_script(figures)}{live_script}</body></html>')

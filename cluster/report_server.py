@@ -10,10 +10,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import plotly.graph_objects as go
 
 from cluster.charts import figures_json
-from cluster.dashboard import Block, build_blocks, check_dirs, render
+from cluster.dashboard import Block, MetricsTail, build_blocks, check_dirs, render
 from cluster.errors import ClusterError
 
 REFRESH_S = 2.0
@@ -50,6 +49,10 @@ class LiveDashboard:
         self.dirs = dirs
         self.lock = threading.Lock()
         self.version, self.title, self.blocks = "", "", []
+        self.tails: dict[Path, MetricsTail] = {}
+
+    def _read(self, path: Path) -> tuple[list[dict], int]:
+        return self.tails.setdefault(path, MetricsTail(path)).read()
 
     def _inputs_version(self) -> str:
         stats = [(str(p), p.stat().st_mtime_ns, p.stat().st_size)
@@ -60,14 +63,14 @@ class LiveDashboard:
         with self.lock:
             version = self._inputs_version()
             if version != self.version:
-                self.title, self.blocks = build_blocks(self.dirs)
+                self.title, self.blocks = build_blocks(self.dirs, self._read)
                 self.version = version
             return self.version, self.title, self.blocks
 
     def page_json(self) -> str:
         version, _, blocks = self.current()
-        figures = {i: c for i, c in blocks if isinstance(c, go.Figure)}
-        html = {i: c for i, c in blocks if not isinstance(c, go.Figure)}
+        figures = {i: c for i, c in blocks if isinstance(c, dict)}
+        html = {i: c for i, c in blocks if not isinstance(c, dict)}
         return f'{{"version": {json.dumps(version)}, "figures": {figures_json(figures)}, "html": {json.dumps(html)}}}'
 
     def page_html(self) -> str:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.dashboard import build_report
+from cluster.dashboard import MetricsTail, build_report, read_metrics, thin
 from tests.cluster.browser import Browser, chromium_path
 from tests.cluster.conftest import free_ports
 from tests.cluster.png import read_png
@@ -228,3 +228,27 @@ def test_serving_on_a_port_in_use_is_a_clear_error(tmp_path, capsys):
         port = taken.getsockname()[1]
         assert main(["report", str(tmp_path / "run"), "--serve", "--port", str(port)]) == 2
     assert f"--port {port}: already in use" in capsys.readouterr().err
+
+
+def test_a_tail_of_metrics_reads_what_a_fresh_read_does(tmp_path):
+    """The live server parses only appended lines; each read must equal reading the file anew."""
+    write_metrics(tmp_path / "run", steps=10, moe=False)
+    path = tmp_path / "run" / "metrics.jsonl"
+    tail = MetricsTail(path)
+    assert tail.read() == read_metrics(path) and len(tail.read()[0]) == 10
+    append_metrics(tmp_path / "run", 11, 15)
+    with open(path, "a") as f:
+        f.write('{"step": 16, "loss": 2.0')  # a line still being written
+    assert tail.read() == read_metrics(path) and tail.read()[1] == 1
+    with open(path, "a") as f:
+        f.write("}\n")
+    assert tail.read() == read_metrics(path) and tail.read()[0][-1] == {"step": 16, "loss": 2.0}
+    write_metrics(tmp_path / "run", steps=3, moe=False)  # the run dir started over
+    assert tail.read() == read_metrics(path) and len(tail.read()[0]) == 3
+
+
+def test_long_runs_are_thinned_for_charts_but_keep_the_last_step():
+    records = [{"step": s} for s in range(1, 10_001)]
+    thinned = thin(records, limit=2000)
+    assert len(thinned) <= 2001 and thinned[0]["step"] == 1 and thinned[-1]["step"] == 10_000
+    assert thin(records[:50], limit=2000) == records[:50]
