@@ -48,7 +48,7 @@ class LiveDashboard:
         check_dirs(dirs)
         self.dirs = dirs
         self.lock = threading.Lock()
-        self.version, self.title, self.blocks = "", "", []
+        self.version, self.title, self.blocks, self.json = "", "", [], ""
         self.tails: dict[Path, MetricsTail] = {}
 
     def _read(self, path: Path) -> tuple[list[dict], int]:
@@ -59,25 +59,26 @@ class LiveDashboard:
                  for d in self.dirs for p in (d / name for name in WATCHED) if p.is_file()]
         return hashlib.sha1(repr(stats).encode()).hexdigest()[:16]
 
-    def current(self) -> tuple[str, str, list[Block]]:
+    def current(self) -> tuple[str, list[Block], str]:
+        """(title, blocks, page JSON), rebuilt only when an input changed: an idle poll costs a few stats."""
         with self.lock:
             version = self._inputs_version()
             if version != self.version:
                 self.title, self.blocks = build_blocks(self.dirs, self._read)
+                figures = {i: c for i, c in self.blocks if isinstance(c, dict)}
+                html = {i: c for i, c in self.blocks if not isinstance(c, dict)}
+                self.json = (f'{{"version": {json.dumps(version)}, "figures": {figures_json(figures)}, '
+                             f'"html": {json.dumps(html)}}}')
                 self.version = version
-            return self.version, self.title, self.blocks
+            return self.title, self.blocks, self.json
 
     def page_json(self) -> str:
-        version, _, blocks = self.current()
-        figures = {i: c for i, c in blocks if isinstance(c, dict)}
-        html = {i: c for i, c in blocks if not isinstance(c, dict)}
-        return f'{{"version": {json.dumps(version)}, "figures": {figures_json(figures)}, "html": {json.dumps(html)}}}'
+        return self.current()[2]
 
     def page_html(self) -> str:
-        _, title, blocks = self.current()
+        title, blocks, page = self.current()
         status = f'live, refreshed every {REFRESH_S:g} s: <span id="live-status">loaded</span>'
-        live = LIVE_JS % (self.page_json().replace("</", "<\\/"), int(REFRESH_S * 1000))
-        return render(title, status, blocks, live)
+        return render(title, status, blocks, LIVE_JS % (page.replace("</", "<\\/"), int(REFRESH_S * 1000)))
 
 
 def make_server(dirs: list, port: int) -> ThreadingHTTPServer:
