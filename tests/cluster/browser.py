@@ -72,6 +72,15 @@ class Browser:
         self.call("Page.navigate", url=url)
         self.wait_for("document.readyState === 'complete' && !!window.Plotly")
 
+    def centre(self, selector: str) -> tuple[float, float]:
+        return tuple(self.evaluate(f"(() => {{const r = document.querySelector({json.dumps(selector)})"
+                                   ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]})()"))
+
+    def mouse(self, kind: str, x: float, y: float) -> None:
+        """A real input event (mouseMoved, mousePressed, mouseReleased) with the left button."""
+        self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
+                  buttons=1 if kind == "mousePressed" else 0, clickCount=1)
+
     def screenshot(self, selector: str) -> np.ndarray:
         """The pixels of the element's box."""
         box = self.evaluate(f"(() => {{const r = document.querySelector({json.dumps(selector)})"

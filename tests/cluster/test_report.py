@@ -180,6 +180,28 @@ def test_served_dashboard_redraws_as_metrics_grow(tmp_path, browser):
         server.wait(timeout=30)
 
 
+def interrogate_loss_chart(browser) -> None:
+    """What a reader does, with real mouse events: hover shows both runs' values at a step, a drag
+    zooms into a step range, a click on a legend entry hides that run."""
+    browser.evaluate("window.scrollTo(0, 0)")
+    x, y = browser.centre("#train-loss .nsewdrag")
+    browser.mouse("mouseMoved", x, y)
+    hover = browser.wait_for("document.querySelector('#train-loss .hoverlayer').textContent")
+    assert "run-a" in hover and "run-b" in hover and re.search(r"\d\.\d", hover), hover
+    browser.mouse("mousePressed", x - 100, y)
+    browser.mouse("mouseMoved", x - 20, y + 2)
+    browser.mouse("mouseMoved", x + 60, y + 2)
+    browser.mouse("mouseReleased", x + 60, y + 2)
+    lo, hi = browser.wait_for("document.getElementById('train-loss').layout.xaxis.autorange === false"
+                              " && document.getElementById('train-loss').layout.xaxis.range")
+    assert 1 < lo < hi < 30 and hi - lo < 15, (lo, hi)
+    browser.mouse("mouseMoved", *browser.centre("#train-loss .legend .traces .legendtoggle"))
+    browser.mouse("mousePressed", *browser.centre("#train-loss .legend .traces .legendtoggle"))
+    browser.mouse("mouseReleased", *browser.centre("#train-loss .legend .traces .legendtoggle"))
+    assert browser.wait_for("document.getElementById('train-loss').data.map(t => t.visible || true).join()"
+                            " === 'legendonly,true' && 'hidden'") == "hidden"
+
+
 @pytest.mark.slow
 def test_overlay_has_a_series_per_run_and_legends_fit(tmp_path, browser):
     write_metrics(tmp_path / "run-a")
@@ -195,6 +217,7 @@ def test_overlay_has_a_series_per_run_and_legends_fit(tmp_path, browser):
         assert browser.evaluate(f"document.getElementById('train-{chart}').data.map(t => t.name)") == ["run-a", "run-b"]
         legend = f"[...document.querySelectorAll('#train-{chart} .legendtext')].map(e => e.textContent)"
         assert browser.evaluate(legend) == ["run-a", "run-b"]
+    interrogate_loss_chart(browser)
     entries = browser.evaluate("[...document.querySelectorAll('#data0-sources .legendtext')].map(e => e.textContent)")
     assert sorted(entries) == sorted(["kept", *reasons])  # whole labels, none cut short
     # Every legend entry and axis label lies inside its chart, and no legend needed a scrollbar to fit.
