@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         stage(f"evaluate {name}", "eval", str(runs[name]))
         stage(f"dashboard for {name}", "report", str(runs[name]))
     stage("dashboard for the data run", "report", str(data_dir))
+    stage("dashboard overlaying the runs", "report", *(str(run) for run in runs.values()),
+          "--out", str(out / "compare.html"))
 
     console.rule("[bold green]demo finished")
     console.print(f"total time: {(time.monotonic() - start) / 60:.1f} min")
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in runs.items():
         console.print(f"{name + ':':12} checkpoints {run / 'checkpoints'}, dashboard {run / 'report.html'}")
     console.print(f"data dashboard: {data_dir / 'report.html'}")
+    console.print(f"runs overlaid: {out / 'compare.html'}  (live while training: pretrain report RUN --serve)")
     return 0
 
 

@@ -105,6 +105,18 @@ def moe_fields(layers: list[int], counts: torch.Tensor, dropped: torch.Tensor, a
             "expert_load": [[round(float(x), 4) for x in row] for row in loads]}
 
 
+def wandb_fields(record: dict) -> dict:
+    """The record as wandb series: the per-layer MoE lists become one series per expert and per layer
+    (wandb charts scalars; a list would be dropped), keyed by the model's layer index."""
+    fields = {k: v for k, v in record.items() if not isinstance(v, list)}
+    layers = record.get("moe_layers") or []
+    for layer, loads in zip(layers, record.get("expert_load") or []):
+        fields.update({f"moe/layer{layer}/expert{j}_load": load for j, load in enumerate(loads)})
+    for layer, dropped in zip(layers, record.get("dropped_frac_per_layer") or []):
+        fields[f"moe/layer{layer}/dropped_frac"] = dropped
+    return fields
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: RunConfig, flops_per_token: float, enabled: bool, resumed: bool):
         self.enabled = enabled
@@ -147,7 +159,7 @@ class MetricsLogger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
             if self.wandb is not None:
-                self.wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=record["step"])
+                self.wandb.log(wandb_fields(record), step=record["step"])
         return record
 
     def close(self) -> None:

@@ -44,10 +44,10 @@ def _unfilter(kind: int, line: bytes, prior: np.ndarray, bpp: int) -> np.ndarray
     return np.frombuffer(bytes(out), dtype=np.uint8)
 
 
-def read_png(path: Path) -> np.ndarray:
-    """(height, width, channels) uint8."""
-    data = Path(path).read_bytes()
-    assert data.startswith(SIGNATURE), f"{path} is not a PNG"
+def read_png(path: Path | bytes) -> np.ndarray:
+    """(height, width, channels) uint8, from a file or from the PNG's bytes."""
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    assert data.startswith(SIGNATURE), "not a PNG"
     idat, header = b"", None
     for kind, body in _chunks(data):
         if kind == b"IHDR":
