@@ -7,7 +7,8 @@ What DeepSpeed 0.19 issues (runtime/engine.py allreduce_gradients, zero/stage_1_
   `use_multi_rank_bucket_allreduce`) and keep their partition: all-reduce volume, not reduce-scatter's.
 - ZeRO-1/2 all-gather the updated 16-bit weights once per step, after the optimizer.
 - ZeRO-3 all-gathers each module's weights in forward and again in backward, and reduce-scatters the
-  gradients, at every micro-batch; gradient accumulation multiplies all three. With ZeRO++'s
+  gradients, at every micro-batch; gradient accumulation multiplies all three. (A model within the
+  engine's stage3_max_live_parameters, two modules, stays gathered and skips the backward gather.) With ZeRO++'s
   `zero_hpz_partition_size` the backward gather reads a secondary copy split inside the node.
 - Gradients travel in the training precision (DeepSpeed's communication_data_type: bf16 under bf16).
 - Expert parallelism: 4 all-to-alls per MoE layer per micro-batch (dispatch and combine, forward and
@@ -31,6 +32,7 @@ from typing import Optional
 
 from trainer.config import ModelConfig
 from trainer.model.counting import Example, param_counts
+from trainer.zero_memory import zero3_layer_elements
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ def collectives(cfg: ModelConfig, zero_stage: int, dp_size: int, ep_size: int, m
     edp_inside = dp_size <= gpus_per_node
     # (params, group size, whether the group stays in a node): dense over all ranks, experts over their replicas.
     shards = [(counts.total - counts.expert, dp_size, inside(dp_size)), (counts.expert / ep_size, edp, edp_inside)]
+    # The engine lets two modules stay gathered (trainer.zero_memory.zero_settings); a model no bigger stays
+    # gathered from forward to backward and DeepSpeed does not gather it again.
+    whole_model_stays_gathered = counts.total <= 2 * zero3_layer_elements(cfg)
     out = []
     for params, n, intra in shards:
         if params == 0:
@@ -123,7 +128,9 @@ def collectives(cfg: ModelConfig, zero_stage: int, dp_size: int, ep_size: int, m
                 out.append(Collective("param_gather", "all_gather", n, params * w, 1, intra, False))
             continue
         out.append(Collective("zero3_forward_gather", "all_gather", n, params * w, accum, intra, True))
-        if hpz > 1:
+        if whole_model_stays_gathered:
+            pass
+        elif hpz > 1:
             out.append(Collective("zero3_backward_gather", "all_gather", hpz, params * w, accum, inside(hpz), True))
         else:
             out.append(Collective("zero3_backward_gather", "all_gather", n, params * w, accum, intra, True))
