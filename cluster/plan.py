@@ -27,8 +27,10 @@ Precision = Literal["bf16", "fp16", "fp32"]
 GB = 1e9
 # Kept free on every GPU for the CUDA context, allocator fragmentation and NCCL: plans fill 90%.
 RESERVED_FRACTION = 0.10
-# Step times within this fraction of the fastest count as a tie, which goes to the simpler layout.
+# Step times within this fraction, or these seconds, of the fastest count as a tie, which goes to the simpler
+# layout: the model leaves out per-collective latency, so differences of milliseconds are below its resolution.
 TIE_FRACTION = 0.01
+TIE_SECONDS = 0.01
 # GPT-3 Table 2.1 batch sizes (tokens) by total parameters, used when the config has no train section.
 GPT3_BATCH_TOKENS = ((1e9, 0.5e6), (5e9, 1e6), (50e9, 2e6), (float("inf"), 3.2e6))
 
@@ -317,7 +319,7 @@ def make_plan(cfg: ModelConfig, gpus: int, gpu_memory_gb: float, *, seq_len: Opt
         plan.reason = _why_infeasible(cfg, plan, smallest, precision)
         return plan
     fastest = min(f[3].step_s for f in fitting)
-    layout, memory, flops, est = next(f for f in fitting if f[3].step_s <= fastest * (1 + TIE_FRACTION))
+    layout, memory, flops, est = next(f for f in fitting if f[3].step_s <= max(fastest * (1 + TIE_FRACTION), fastest + TIE_SECONDS))
     plan.feasible, plan.layout, plan.memory, plan.flops_per_step = True, layout, memory, flops
     plan.step_time_s, plan.compute_time_s, plan.comm_time_s = est.step_s, est.compute_s, est.comm_s
     plan.bound, plan.comm_s_by_kind, plan.comm_bytes_per_gpu_by_kind = est.bound, est.seconds, est.bytes_per_gpu
