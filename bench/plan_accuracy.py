@@ -9,6 +9,13 @@ for the same layout (one rank) and prints ratios; it exits non-zero when a memor
 outside the tolerance.
 
     python bench/plan_accuracy.py [CONFIG ...] [--device cpu|cuda] [--json] [--tolerance 0.15]
+
+With --comm it checks the communication model instead (cluster/comm.py): for 2 and 4 gloo processes,
+bench/comm_accuracy_child.py records every collective of a real ZeRO-1, 2 and 3 step and of a tiny-switch
+step with expert parallelism, replays them timed, and measures gloo's bandwidth per op on the same
+processes; the planner's volumes over those bandwidths are the prediction.
+
+    python bench/plan_accuracy.py --comm [--nproc 2 4] [--repeats 3] [--json] [--tolerance 0.25]
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # comm_accuracy_child: its model sizes
 DEFAULT_CONFIGS = ["configs/train/tiny-gpt-cpu.yaml", "configs/train/tiny-switch-cpu.yaml"]
 OPTIMIZER_STEPS = 2  # the second step is the steady state: Adam moments exist from the first
 
@@ -171,6 +179,91 @@ def compare(config: str, device: str, engine_kind: str) -> dict:
             "achieved_mfu": est["flops_per_step"] / median / est["peak_flops"], "threads": measured["threads"]}
 
 
+# Which recorded phase:op is which of the planner's kinds (cluster.comm.Collective.kind).
+MEASURED_KIND = {"backward:all_reduce": "grad_reduce", "step:all_gather_into_tensor": "param_gather",
+                 "forward:all_gather_into_tensor": "zero3_forward_gather",
+                 "backward:all_gather_into_tensor": "zero3_backward_gather",
+                 "backward:reduce_scatter_tensor": "grad_reduce_scatter",
+                 "forward:all_to_all_single": "all_to_all", "backward:all_to_all_single": "all_to_all"}
+SMALL_BYTES = 1 << 20  # overflow and norm all-reduces, ZeRO-3's persistent small weights: latency, not modelled
+
+
+def predict_comm(overrides: list[str], world: int, bandwidth: dict) -> dict[str, float]:
+    """The planner's collectives for the run the child trained, timed at the measured per-op bandwidths."""
+    from cluster.comm import collectives
+    from cluster.configio import load_run_config
+    from trainer.model.counting import training_example
+
+    from comm_accuracy_child import SIZES
+
+    sets = [f"model.{k}={v}" for k, v in SIZES.items()] + ["train.seq_len=32", "train.micro_batch_size=1"]
+    run = load_run_config(REPO / overrides[0], sets + overrides[1:])
+    t, p = run.train, run.parallel
+    colls = collectives(run.model, p.zero_stage, world, p.ep_size, t.micro_batch_size, 2,
+                        training_example(run.model, train=t), t.precision, gpus_per_node=world)
+    out: dict[str, float] = {}
+    for c in colls:
+        seconds = c.bytes_per_gpu() / bandwidth[c.op]
+        if c.op == "all_to_all":  # gloo's per-call cost, for each of the modelled calls
+            seconds += c.calls * bandwidth["all_to_all_latency_s"]
+        out[c.kind] = out.get(c.kind, 0.0) + seconds
+    return out
+
+
+def measured_comm(repeat: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, seconds in repeat["seconds"].items():
+        if key in MEASURED_KIND and repeat["input_bytes"][key] > SMALL_BYTES:
+            out[MEASURED_KIND[key]] = out.get(MEASURED_KIND[key], 0.0) + seconds
+    return out
+
+
+def compare_comm(nprocs: list[int], repeats: int) -> list[dict]:
+    import re
+
+    from trainer.distributed import free_port
+
+    rows = []
+    for n in nprocs:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        child = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                                "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                                str(REPO / "bench/comm_accuracy_child.py"), str(repeats)],
+                               capture_output=True, text=True, cwd=REPO, env=env, check=False)
+        found = re.search(r"^RESULT (.*)$", child.stdout, re.M)
+        if child.returncode != 0 or not found:
+            raise RuntimeError(f"the {n}-process comm run failed:\n{child.stderr[-3000:]}")
+        result = json.loads(found.group(1))
+        from comm_accuracy_child import A2A_SETS
+
+        runs = {f"ZeRO-{z}": (["configs/train/tiny-gpt-cpu.yaml", f"parallel.zero_stage={z}"], result["zero"][z])
+                for z in ("1", "2", "3")}
+        runs["expert all-to-all"] = (["configs/train/tiny-switch-cpu.yaml", "parallel.zero_stage=1",
+                                      f"parallel.ep_size={n}"] + A2A_SETS, result["all_to_all"])
+        for name, (overrides, reps) in runs.items():
+            for r in reps:
+                predicted = predict_comm(overrides, n, r["bandwidth"])
+                measured = measured_comm(r)
+                for kind in sorted(set(predicted) | set(measured)):
+                    if name == "expert all-to-all" and kind != "all_to_all":
+                        continue  # that run's ZeRO-1 traffic is the ZeRO-1 row's
+                    rows.append({"run": name, "nproc": n, "kind": kind, "predicted_s": predicted.get(kind, 0.0),
+                                 "measured_s": measured.get(kind, 0.0), "bandwidth": r["bandwidth"]})
+    return rows
+
+
+def print_comm(rows: list[dict]) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["run"], r["nproc"], r["kind"]), []).append(r)
+    print(f"{'run':18} {'nproc':>5} {'kind':22} {'predicted s':>12} {'measured s':>11} {'ratio (each repeat)':>24}")
+    for (run, n, kind), rs in groups.items():
+        ratios = " ".join(f"{r['predicted_s'] / r['measured_s']:.2f}" if r["measured_s"] else "-" for r in rs)
+        pred = sorted(r["predicted_s"] for r in rs)[len(rs) // 2]
+        meas = sorted(r["measured_s"] for r in rs)[len(rs) // 2]
+        print(f"{run:18} {n:5d} {kind:22} {pred:12.3f} {meas:11.3f} {ratios:>24}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS)
@@ -180,7 +273,18 @@ def main() -> int:
     parser.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed",
                         help="the trainer's DeepSpeed engine (default) or a plain PyTorch AdamW loop")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--comm", action="store_true", help="check the communication model over gloo instead")
+    parser.add_argument("--nproc", type=int, nargs="+", default=[2, 4], help="--comm: process counts")
+    parser.add_argument("--repeats", type=int, default=3, help="--comm: replays per run")
     args = parser.parse_args()
+    if args.comm:
+        rows = compare_comm(args.nproc, args.repeats)
+        print(json.dumps(rows, indent=2)) if args.json else print_comm(rows)
+        tolerance = 0.25 if args.tolerance == 0.15 else args.tolerance
+        medians = {}
+        for r in rows:
+            medians.setdefault((r["run"], r["nproc"], r["kind"]), []).append(r["predicted_s"] / max(r["measured_s"], 1e-9))
+        return 0 if all(abs(sorted(v)[len(v) // 2] - 1) <= tolerance for v in medians.values()) else 1
     if args.child:
         print(json.dumps(measure(args.configs[0], args.device, args.engine)))
         return 0

@@ -142,14 +142,41 @@ class ClusterConfig(Section):
     image: str = "rayproject/ray:2.40.0-py311-gpu"
     namespace: str = "default"
     assumed_mfu: float = Field(0.4, gt=0.0, le=1.0)
-    gpu_tflops: PositiveFloat = Field(312.0, description="peak dense bf16 TFLOP/s of one GPU, for step-time "
-                                                          "estimates (A100: 312, H100 SXM: 989)")
+    gpu_tflops: Optional[PositiveFloat] = Field(None, description="peak dense bf16 TFLOP/s of one GPU, for "
+                                                "step-time estimates; default: the hardware preset's")
+    hardware: Optional[str] = Field(None, description="the planner's GPU and network preset: a100-80gb (default), "
+                                                      "h100, h200 (cluster.comm.PRESETS)")
+    nvlink_gbps: Optional[PositiveFloat] = Field(None, description="GB/s per GPU, one direction, inside a node; "
+                                                 "default: the preset's")
+    ib_gbps: Optional[PositiveFloat] = Field(None, description="GB/s per GPU, one direction, between nodes "
+                                             "(InfiniBand); default: the preset's")
+    comm_overlap: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of compute time that overlappable "
+                                "communication (ZeRO-3's prefetched gathers and reduce-scatters) can hide behind")
     cpus_per_node: PositiveInt = Field(8, description="CPU cores requested per node (SLURM, KubeRay pods)")
     memory_per_node_gb: PositiveInt = Field(64, description="host memory requested per node (KubeRay pods)")
     python: Optional[str] = Field(None, description="interpreter on the cluster; default: this one for "
                                                     "slurm/ssh (shared filesystem), `python` for ray/k8s images")
     hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=G` lines) for backend ssh")
     k8s: KubeConfig = Field(default_factory=KubeConfig, description="backend k8s: volume, paths, pod resources")
+
+    @field_validator("hardware")
+    @classmethod
+    def _known_hardware(cls, value: Optional[str]) -> Optional[str]:
+        from cluster.comm import PRESETS
+
+        if value is not None and value.lower() not in PRESETS:
+            raise ValueError(f"{value!r} is not a hardware preset ({', '.join(PRESETS)})")
+        return value
+
+    def plan_hardware(self, **overrides):
+        """The preset with this section's figures, then `overrides` (CLI flags; None keeps), on top."""
+        from cluster.comm import hardware
+
+        name = overrides.pop("hardware", None) or self.hardware
+        keys = {"gpu_tflops": self.gpu_tflops, "nvlink_gbps": self.nvlink_gbps, "ib_gbps": self.ib_gbps,
+                "gpus_per_node": self.gpus_per_node or None, "gpu_memory_gb": self.gpu_memory_gb}
+        keys.update({k: v for k, v in overrides.items() if v is not None})
+        return hardware(name, **keys)
 
     def worker_resources(self) -> dict[str, dict[str, str]]:
         """A worker pod's requests and limits: the node's size, with `k8s.requests`/`k8s.limits` on top."""

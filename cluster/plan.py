@@ -1,6 +1,8 @@
 """The parallelism planner: a layout (ZeRO stage, expert-parallel size, micro batch, gradient
 accumulation, activation checkpointing) that fits N GPUs of M GB, with the memory per GPU and
-the step time it implies, or a clear reason why nothing fits.
+the step time it implies, or a clear reason why nothing fits. Of the layouts that fit, the one with
+the shortest estimated step wins: compute at an assumed MFU plus the communication cluster/comm.py
+models (ZeRO's gathers and reductions, the expert all-to-alls) on the chosen hardware.
 
 Every GPU is a data-parallel rank (the engine has ZeRO and expert parallelism, no tensor or
 pipeline parallelism). Model states come from `trainer.zero_memory.memory_per_gpu`; this
@@ -11,9 +13,10 @@ vocabulary, MoE dispatch buffers, and DeepSpeed's communication buffers.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Optional
 
+from cluster.comm import CommEstimate, Hardware, collectives, estimate, hardware
 from trainer.config import ModelConfig, TrainConfig
 from trainer.model.counting import Example, flops_per_example, param_counts, training_example
 from trainer.zero_memory import DEEPSPEED_BUCKET_ELEMENTS, comm_bucket_elements, memory_per_gpu, zero3_layer_elements
@@ -24,6 +27,10 @@ Precision = Literal["bf16", "fp16", "fp32"]
 GB = 1e9
 # Kept free on every GPU for the CUDA context, allocator fragmentation and NCCL: plans fill 90%.
 RESERVED_FRACTION = 0.10
+# Step times within this fraction, or these seconds, of the fastest count as a tie, which goes to the simpler
+# layout: the model leaves out per-collective latency, so differences of milliseconds are below its resolution.
+TIE_FRACTION = 0.01
+TIE_SECONDS = 0.01
 # GPT-3 Table 2.1 batch sizes (tokens) by total parameters, used when the config has no train section.
 GPT3_BATCH_TOKENS = ((1e9, 0.5e6), (5e9, 1e6), (50e9, 2e6), (float("inf"), 3.2e6))
 
@@ -36,6 +43,12 @@ class Layout:
     micro_batch_size: int
     gradient_accumulation_steps: int
     activation_checkpointing: bool
+    zero_hpz_partition_size: int = 1  # ZeRO++ secondary weight partition inside a node (ZeRO-3 only)
+
+    def describe(self) -> str:
+        hpz = f" with hpz {self.zero_hpz_partition_size}" if self.zero_hpz_partition_size > 1 else ""
+        return (f"ZeRO-{self.zero_stage}{hpz}, expert parallel {self.ep_size}, micro batch {self.micro_batch_size}, "
+                f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}")
 
 
 @dataclass
@@ -50,10 +63,12 @@ class Memory:
     buffers: float  # DeepSpeed gradient buckets, and ZeRO-3's gathered weights of the live layers
     construction: float = 0.0  # building the model: the rank's share of the weights (trainer/engine.py build_model)
     checkpoint_save: float = 0.0  # saving: model states, with activations freed, plus one tensor's write buffer
+    hpz_secondary: float = 0.0  # ZeRO++: the 16-bit weights again, split over the hpz group only
 
     @property
     def step(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.moe_all_to_all + self.buffers
+        return (self.weights + self.grads + self.optimizer + self.activations + self.moe_all_to_all + self.buffers
+                + self.hpz_secondary)
 
     @property
     def total(self) -> float:
@@ -73,12 +88,20 @@ class Plan:
     assumed_mfu: float
     gpu_tflops: float
     budget_bytes: float
+    hardware: Optional[Hardware] = None
+    comm_overlap: float = 1.0  # the fraction of compute time overlappable communication can hide behind
     targets_len: int = 0  # positions the decoder predicts (a decoder-only model: seq_len)
     tokens_per_sequence: int = 0  # raw tokens a sequence takes from the shards: what tokens/s counts
     layout: Optional[Layout] = None
     memory: Optional[Memory] = None
     flops_per_step: float = 0.0
-    step_time_s: float = 0.0
+    step_time_s: float = 0.0  # compute, plus the communication that compute does not hide
+    compute_time_s: float = 0.0
+    comm_time_s: float = 0.0
+    comm_s_by_kind: dict[str, float] = field(default_factory=dict)
+    comm_bytes_per_gpu_by_kind: dict[str, float] = field(default_factory=dict)
+    bound: str = ""  # "compute" or "communication": which takes longer per step
+    layouts_fitting: int = 0
     tokens_per_s: float = 0.0
     reason: str = ""
     notes: list[str] = field(default_factory=list)
@@ -90,7 +113,9 @@ class Plan:
         lay = self.layout
         return [f"parallel.zero_stage={lay.zero_stage}", f"parallel.ep_size={lay.ep_size}",
                 f"train.micro_batch_size={lay.micro_batch_size}", f"train.global_batch_size={self.global_batch_size}",
-                f"train.activation_checkpointing={str(lay.activation_checkpointing).lower()}"]
+                f"train.activation_checkpointing={str(lay.activation_checkpointing).lower()}"] + (
+                    [f"parallel.zero_hpz_partition_size={lay.zero_hpz_partition_size}"]
+                    if lay.zero_hpz_partition_size > 1 else [])
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -196,11 +221,13 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, example: Example | int, pr
     # (ZeRO-0 in fp16) it converts its 16-bit weights to fp32 one tensor at a time.
     write_buffer = 4 * largest_param(cfg, layout.ep_size) if layout.zero_stage == 0 and precision == "fp16" else 0
     checkpoint_save = states.weights + states.grads + states.optimizer + buffers + write_buffer
+    hpz = layout.zero_hpz_partition_size
+    secondary = param_counts(cfg).total * a / hpz if hpz > 1 else 0.0
     return Memory(weights=states.weights, grads=states.grads, optimizer=states.optimizer,
                   activations=activation_bytes(cfg, layout.micro_batch_size, ex, precision,
                                                layout.activation_checkpointing),
                   moe_all_to_all=all_to_all, buffers=buffers, construction=construction,
-                  checkpoint_save=checkpoint_save)
+                  checkpoint_save=checkpoint_save, hpz_secondary=secondary)
 
 
 def largest_param(cfg: ModelConfig, ep_size: int) -> int:
@@ -230,16 +257,18 @@ def expert_parallel_sizes(cfg: ModelConfig, gpus: int) -> list[int]:
     return [e for e in range(1, cfg.moe.num_experts + 1) if cfg.expert_parallel_error(e, gpus) is None]
 
 
-def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int):
-    """Cheapest first: no recompute before recompute, lower ZeRO stages (less communication),
-    fewer expert-parallel ranks (less all-to-all), larger micro batches (fewer, fuller steps)."""
+def candidate_layouts(cfg: ModelConfig, gpus: int, global_batch: int, gpus_per_node: int = 1):
+    """Simplest first (the order breaks ties in step time): no recompute before recompute, lower ZeRO
+    stages, ZeRO-3 without hpz before with, fewer expert-parallel ranks, larger micro batches. ZeRO++'s
+    hpz partitions over one node's GPUs, when the ranks span whole nodes."""
     per_rank = global_batch // gpus
     micro_batches = sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True)
     # The trainer refuses ZeRO-3 with experts (RunConfig.for_world).
-    stages = [0, 1, 2] if cfg.moe is not None else [0, 1, 2, 3]
-    for ckpt, stage, ep, micro in itertools.product((False, True), stages, expert_parallel_sizes(cfg, gpus),
-                                                    micro_batches):
-        yield Layout(stage, ep, gpus, micro, per_rank // micro, ckpt)
+    hpz = [1, gpus_per_node] if 1 < gpus_per_node < gpus and gpus % gpus_per_node == 0 else [1]
+    stages = [(0, 1), (1, 1), (2, 1)] + ([(3, h) for h in hpz] if cfg.moe is None else [])
+    for ckpt, (stage, h), ep, micro in itertools.product((False, True), stages, expert_parallel_sizes(cfg, gpus),
+                                                         micro_batches):
+        yield Layout(stage, ep, gpus, micro, per_rank // micro, ckpt, h)
 
 
 def _rounded_batch(global_batch: int, gpus: int) -> int:
@@ -247,56 +276,90 @@ def _rounded_batch(global_batch: int, gpus: int) -> int:
     return max(gpus, round(global_batch / gpus) * gpus)
 
 
+def layout_time(cfg: ModelConfig, layout: Layout, ex: Example, global_batch: int, precision: Precision,
+                mfu: float, hw: Hardware, overlap: float) -> tuple[float, CommEstimate]:
+    """(FLOPs per step, compute and communication times) of one layout on `hw`."""
+    flops, compute = step_time_s(cfg, ex, global_batch, layout.dp_size, mfu, hw.gpu_tflops,
+                                 layout.activation_checkpointing)
+    colls = collectives(cfg, layout.zero_stage, layout.dp_size, layout.ep_size, layout.micro_batch_size,
+                        layout.gradient_accumulation_steps, ex, precision, hw.gpus_per_node,
+                        layout.zero_hpz_partition_size)
+    return flops, estimate(colls, compute, hw, overlap)
+
+
 def make_plan(cfg: ModelConfig, gpus: int, gpu_memory_gb: float, *, seq_len: Optional[int] = None,
               global_batch: Optional[int] = None, precision: Precision = "bf16", mfu: float = 0.4,
-              gpu_tflops: float = 312.0, train: Optional[TrainConfig] = None) -> Plan:
+              gpu_tflops: Optional[float] = None, train: Optional[TrainConfig] = None,
+              hw: Optional[Hardware] = None, comm_overlap: float = 1.0) -> Plan:
     """`train` supplies the objective (an encoder-decoder's target length and raw tokens per sequence);
-    without it an encoder-decoder is planned for T5's span corruption of seq_len inputs."""
+    without it an encoder-decoder is planned for T5's span corruption of seq_len inputs. `hw` defaults to
+    the A100-80GB preset; `gpu_tflops` overrides its peak."""
+    hw = hw or hardware(None)
+    if gpu_tflops:
+        hw = replace(hw, gpu_tflops=gpu_tflops)
     ex = training_example(cfg, seq_len, train)
     wanted = global_batch or default_global_batch(cfg, ex)
     batch = _rounded_batch(wanted, gpus)
     plan = Plan(feasible=False, model=cfg.name, gpus=gpus, gpu_memory_gb=gpu_memory_gb, seq_len=ex.inputs,
-                global_batch_size=batch, precision=precision, assumed_mfu=mfu, gpu_tflops=gpu_tflops,
+                global_batch_size=batch, precision=precision, assumed_mfu=mfu, gpu_tflops=hw.gpu_tflops,
                 budget_bytes=gpu_memory_gb * GB * (1 - RESERVED_FRACTION), targets_len=ex.targets,
-                tokens_per_sequence=ex.raw_tokens)
+                tokens_per_sequence=ex.raw_tokens, hardware=hw, comm_overlap=comm_overlap)
     if batch != wanted:
         plan.notes.append(f"global batch {wanted} -> {batch} sequences: a multiple of the {gpus} data-parallel ranks")
     smallest: Optional[tuple[Layout, Memory]] = None
-    for layout in candidate_layouts(cfg, gpus, batch):
+    fitting = []  # (layout, memory, flops, CommEstimate), simplest first
+    for layout in candidate_layouts(cfg, gpus, batch, hw.gpus_per_node):
         memory = estimate_memory(cfg, layout, ex, precision)
         if smallest is None or memory.total < smallest[1].total:
             smallest = (layout, memory)
         if memory.total <= plan.budget_bytes:
-            plan.feasible, plan.layout, plan.memory = True, layout, memory
-            plan.flops_per_step, plan.step_time_s = step_time_s(
-                cfg, ex, batch, gpus, mfu, gpu_tflops, layout.activation_checkpointing)
-            plan.tokens_per_s = batch * ex.raw_tokens / plan.step_time_s
-            plan.reason = _why_not_cheaper(cfg, layout, ex, precision, plan.budget_bytes)
-            return plan
-    plan.layout, plan.memory = smallest
-    plan.reason = _why_infeasible(cfg, plan, smallest, precision)
+            fitting.append((layout, memory, *layout_time(cfg, layout, ex, batch, precision, mfu, hw, comm_overlap)))
+    if not fitting:
+        plan.layout, plan.memory = smallest
+        plan.reason = _why_infeasible(cfg, plan, smallest, precision)
+        return plan
+    fastest = min(f[3].step_s for f in fitting)
+    layout, memory, flops, est = next(f for f in fitting if f[3].step_s <= max(fastest * (1 + TIE_FRACTION), fastest + TIE_SECONDS))
+    plan.feasible, plan.layout, plan.memory, plan.flops_per_step = True, layout, memory, flops
+    plan.step_time_s, plan.compute_time_s, plan.comm_time_s = est.step_s, est.compute_s, est.comm_s
+    plan.bound, plan.comm_s_by_kind, plan.comm_bytes_per_gpu_by_kind = est.bound, est.seconds, est.bytes_per_gpu
+    plan.tokens_per_s = batch * ex.raw_tokens / plan.step_time_s
+    plan.layouts_fitting = len(fitting)
+    plan.reason = _why_chosen(cfg, layout, fitting, ex, precision, plan.budget_bytes)
     return plan
 
 
-def _why_not_cheaper(cfg: ModelConfig, chosen: Layout, ex: Example, precision: Precision, budget: float) -> str:
-    """Why the cheaper settings were passed over, from their own estimates at micro batch 1."""
-    reasons = []
+def _why_chosen(cfg: ModelConfig, chosen: Layout, fitting: list, ex: Example, precision: Precision,
+                budget: float) -> str:
+    """The runner-up's step time, then why each simpler setting was passed over: too big, or slower."""
+    others = sorted((f for f in fitting if f[0] is not chosen), key=lambda f: f[3].step_s)
+    head = f"the fastest estimated step of the {len(fitting)} layouts that fit"
+    if others:
+        head += f" (next: {others[0][0].describe()}, {others[0][3].step_s:.2f} s)"
+    simpler = []  # (name, which fitting layouts have it, its smallest layout to size when none fits)
     if chosen.zero_stage > 0:
         lower = Layout(chosen.zero_stage - 1, chosen.ep_size, chosen.dp_size, 1, 1, True)
-        need = estimate_memory(cfg, lower, ex, precision).total
-        reasons.append(f"ZeRO-{lower.zero_stage} would need {need / GB:.1f} GB per GPU even with micro batch 1 "
-                       f"and activation checkpointing")
+        simpler.append((f"ZeRO-{lower.zero_stage}", lambda lay: lay.zero_stage == lower.zero_stage, lower))
+    if chosen.zero_hpz_partition_size > 1:
+        simpler.append(("ZeRO-3 without hpz", lambda lay: lay.zero_stage == 3 and lay.zero_hpz_partition_size == 1,
+                        Layout(3, 1, chosen.dp_size, 1, 1, True)))
     smaller_ep = [e for e in expert_parallel_sizes(cfg, chosen.dp_size) if e < chosen.ep_size]
     if smaller_ep:
         fewer = Layout(chosen.zero_stage, smaller_ep[-1], chosen.dp_size, 1, 1, chosen.activation_checkpointing)
-        need = estimate_memory(cfg, fewer, ex, precision).total
-        reasons.append(f"expert parallel {fewer.ep_size} would need {need / GB:.1f} GB with micro batch 1")
+        simpler.append((f"expert parallel {fewer.ep_size}", lambda lay: lay.ep_size == fewer.ep_size, fewer))
     if chosen.activation_checkpointing:
         plain = Layout(chosen.zero_stage, chosen.ep_size, chosen.dp_size, 1, 1, False)
-        need = estimate_memory(cfg, plain, ex, precision).total
-        reasons.append(f"without activation checkpointing micro batch 1 would need {need / GB:.1f} GB")
-    budget_text = f"the {budget / GB:.1f} GB budget"
-    return "; ".join(reasons) + f" (over {budget_text})" if reasons else f"the cheapest layout fits {budget_text}"
+        simpler.append(("without activation checkpointing", lambda lay: not lay.activation_checkpointing, plain))
+    reasons = [head]
+    for name, matches, smallest in simpler:
+        alternatives = [f[3].step_s for f in fitting if matches(f[0])]
+        if alternatives:
+            reasons.append(f"{name} fits but its fastest step is {min(alternatives):.2f} s")
+        else:
+            need = estimate_memory(cfg, smallest, ex, precision).total
+            reasons.append(f"{name} would need {need / GB:.1f} GB per GPU even with micro batch 1 "
+                           f"(over the {budget / GB:.1f} GB budget)")
+    return "; ".join(reasons)
 
 
 def min_gpus(cfg: ModelConfig, gpu_memory_gb: float, example: Example | int, precision: Precision,

@@ -258,6 +258,9 @@ class ParallelConfig(Section):
     ep_size: PositiveInt = Field(1, description="expert-parallel group size (MoE models)")
     data_parallel_size: Optional[PositiveInt] = Field(None, description="the number of processes; the launcher "
                                                       "sets it (RunConfig.for_world) when it saves the run's config")
+    zero_hpz_partition_size: PositiveInt = Field(
+        1, description="ZeRO++ hierarchical partitioning (ZeRO-3 only): a second copy of the 16-bit weights split "
+                       "over this many ranks (a node's GPUs), so backward gathers stay inside the node; 1 = off")
 
 
 class CheckpointConfig(Section):
@@ -308,6 +311,9 @@ class RunConfig(Section):
                              f"{BERT_VOCAB_SIZE}")
         if problem := m.expert_parallel_error(p.ep_size):
             raise ValueError(f"parallel.ep_size: {problem}")
+        if p.zero_hpz_partition_size > 1 and p.zero_stage != 3:
+            raise ValueError(f"parallel.zero_hpz_partition_size: {p.zero_hpz_partition_size} needs ZeRO-3 "
+                             f"(parallel.zero_stage is {p.zero_stage}): it partitions ZeRO-3's weights a second time")
         if m.moe is None and p.ep_size != 1:
             raise ValueError(f"parallel.ep_size: {p.ep_size} needs a MoE model (model.moe is not set)")
         if t.global_batch_size % t.micro_batch_size:
@@ -324,6 +330,9 @@ class RunConfig(Section):
             raise ValueError("parallel.zero_stage: ZeRO-3 with a MoE model is not supported: ZeRO-3 would partition "
                              "each rank's own experts over all data-parallel ranks and gather them back as if they "
                              "were replicas; use zero_stage 1 or 2 (experts are then sharded by parallel.ep_size)")
+        if dp_size % p.zero_hpz_partition_size:
+            raise ValueError(f"parallel.zero_hpz_partition_size: {p.zero_hpz_partition_size} does not divide the "
+                             f"{dp_size} data-parallel ranks")
         if problem := m.expert_parallel_error(p.ep_size, dp_size):
             raise ValueError(f"parallel.ep_size: {problem}")
         self._accumulation(dp_size)

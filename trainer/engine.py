@@ -38,7 +38,7 @@ def ds_config(cfg: RunConfig, world: int, accum: int) -> dict:
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.micro_batch_size * accum * world,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero_settings(cfg.model, cfg.parallel.zero_stage),  # cluster/plan.py counts these
+        "zero_optimization": zero_optimization(cfg),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # Our AdamW is torch's; DeepSpeed's fused Adam would need a JIT build on every fresh machine.
@@ -46,6 +46,14 @@ def ds_config(cfg: RunConfig, world: int, accum: int) -> dict:
         "steps_per_print": 2 ** 31,
         "wall_clock_breakdown": False,
     }
+
+
+def zero_optimization(cfg: RunConfig) -> dict:
+    """ZeRO's section (cluster/plan.py counts its buffers), with ZeRO++'s secondary weight partition when asked."""
+    section = zero_settings(cfg.model, cfg.parallel.zero_stage)
+    if cfg.parallel.zero_hpz_partition_size > 1:
+        section["zero_hpz_partition_size"] = cfg.parallel.zero_hpz_partition_size
+    return section
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

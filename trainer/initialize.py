@@ -47,14 +47,26 @@ def local_part(p: nn.Parameter) -> tuple[torch.Tensor, int, int]:
     return p.data.view(-1), getattr(p, "flat_offset", 0), p.numel()  # flat_offset: trainer.expert_parallel
 
 
+def secondary_part(p: nn.Parameter) -> tuple[torch.Tensor, int, int] | None:
+    """ZeRO++ hpz's second partition of p, over consecutive ranks (a node), or None. zero.Init copied it from
+    the weights before they were written, so it is written from the seed like the primary partition."""
+    part = getattr(p, "ds_secondary_tensor", None)
+    if part is None:
+        return None
+    padded = p.ds_tensor.ds_numel * dist.get_world_size(group=p.ds_process_group)
+    hpz = padded // max(1, part.ds_numel)  # DeepSpeed splits the padded whole into hpz equal parts
+    start = part.ds_numel * (dist.get_rank() % hpz)
+    return part, start, max(0, min(part.numel(), p.ds_numel - start))
+
+
 @torch.no_grad()
 def initialize(model: nn.Module, seed: int) -> None:
-    """Writes every parameter's local part from `model.init_rule` and the seed."""
+    """Writes every parameter's local part (and hpz's secondary one) from `model.init_rule` and the seed."""
     for name, p in model.named_parameters():
         mean, std = model.init_rule(name)
-        target, start, real = local_part(p)
-        if std:
-            fill_normal_(target[:real], seed, name, start, mean, std)
-        else:
-            target[:real].fill_(mean)
-        target[real:].zero_()
+        for target, start, real in filter(None, (local_part(p), secondary_part(p))):
+            if std:
+                fill_normal_(target[:real], seed, name, start, mean, std)
+            else:
+                target[:real].fill_(mean)
+            target[real:].zero_()

@@ -64,8 +64,8 @@ def planned_layout(run, cluster: ClusterConfig) -> list[str]:
         raise ClusterError("--plan needs GPUs: set cluster.gpus_per_node and cluster.gpu_memory_gb")
     plan = make_plan(run.model, cluster.nodes * cluster.gpus_per_node, cluster.gpu_memory_gb,
                      seq_len=run.train.seq_len, global_batch=run.train.global_batch_size,
-                     precision=run.train.precision, mfu=cluster.assumed_mfu, gpu_tflops=cluster.gpu_tflops,
-                     train=run.train)
+                     precision=run.train.precision, mfu=cluster.assumed_mfu, train=run.train,
+                     hw=cluster.plan_hardware(), comm_overlap=cluster.comm_overlap)
     if not plan.feasible:
         raise ClusterError(plan.reason)
     print(f"plan: {' '.join(plan.overrides())} ({plan.memory.total / 1e9:.1f} GB per GPU, "

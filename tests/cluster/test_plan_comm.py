@@ -1,0 +1,114 @@
+"""The planner's communication model (cluster/comm.py): volumes by hand, presets and overrides, and the
+layout chosen by estimated step time."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import main
+from cluster.comm import PRESETS, collectives, estimate
+from cluster.configio import load_model_config
+from cluster.plan import make_plan
+from trainer.model.counting import Example, param_counts
+
+
+def plan_json(capsys, *args: str) -> tuple[int, dict]:
+    code = main(["plan", *args, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_gpt3_175b_zero3_moves_about_a_terabyte_per_gpu_per_step(capsys, repo_root):
+    code, plan = plan_json(capsys, str(repo_root / "configs/model/gpt3-175b.yaml"), "--gpus", "1024",
+                           "--gpu-memory-gb", "80")
+    assert code == 0 and plan["layout"]["zero_stage"] == 3
+    psi = param_counts(load_model_config(repo_root / "configs/model/gpt3-175b.yaml")).total
+    accum = plan["layout"]["gradient_accumulation_steps"]
+    ring = 1023 / 1024 * psi * 2 * accum  # bf16 weights and gradients, once per micro-batch each
+    volume = plan["comm_bytes_per_gpu_by_kind"]
+    assert volume == pytest.approx({"zero3_forward_gather": ring, "zero3_backward_gather": ring,
+                                    "grad_reduce_scatter": ring})
+    assert sum(volume.values()) > 1e12  # across nodes, at the A100 preset's 25 GB/s of InfiniBand per GPU
+    assert plan["comm_s_by_kind"]["zero3_forward_gather"] == pytest.approx(ring / 25e9)
+    assert plan["compute_time_s"] > 0 and plan["bound"] in ("compute", "communication")
+    assert plan["step_time_s"] >= plan["compute_time_s"]
+
+
+def test_without_overlap_the_planner_chooses_hpz_to_keep_backward_gathers_on_nvlink(capsys, repo_root):
+    code, plan = plan_json(capsys, str(repo_root / "configs/model/gpt3-175b.yaml"), "--gpus", "1024",
+                           "--gpu-memory-gb", "80", "--comm-overlap", "0")
+    assert code == 0 and plan["layout"]["zero_hpz_partition_size"] == 8
+    psi = param_counts(load_model_config(repo_root / "configs/model/gpt3-175b.yaml")).total
+    assert plan["comm_s_by_kind"]["zero3_backward_gather"] == pytest.approx(7 / 8 * psi * 2 / 300e9)
+    assert plan["memory"]["hpz_secondary"] == psi * 2 / 8  # the 16-bit weights split over one node
+    assert plan["step_time_s"] == pytest.approx(plan["compute_time_s"] + plan["comm_time_s"])
+    assert "parallel.zero_hpz_partition_size=8" in plan["set"]
+    assert "ZeRO-3 without hpz fits but its fastest step is" in plan["reason"]
+
+
+def test_zero2_reduces_every_micro_batch_zero1_once_per_step(repo_root):
+    cfg = load_model_config(repo_root / "configs/model/gpt3-1.3b.yaml")
+    ex = Example(2048, 2048, 2048)
+
+    def reduce_bytes(stage: int) -> float:
+        colls = collectives(cfg, stage, 64, 1, 1, 4, ex, "bf16", 8)
+        return sum(c.bytes_per_gpu() for c in colls if c.kind == "grad_reduce")
+
+    all_reduce = 2 * 63 / 64 * param_counts(cfg).total * 2
+    assert reduce_bytes(0) == pytest.approx(all_reduce) == pytest.approx(reduce_bytes(1))
+    assert reduce_bytes(2) == pytest.approx(4 * all_reduce)
+
+
+def test_expert_all_to_all_is_four_per_moe_layer_per_micro_batch(repo_root):
+    cfg = load_model_config(repo_root / "configs/model/switch-base-128.yaml")
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layer))
+    ex = Example(2048, 2048, 2048)
+    colls = [c for c in collectives(cfg, 1, 64, 8, 2, 3, ex, "bf16", 8) if c.kind == "all_to_all"]
+    slots = cfg.moe.capacity_factor * 2 * 2048 * cfg.d_model * 2  # micro batch 2, bf16
+    assert sum(c.bytes_per_gpu() for c in colls) == pytest.approx(moe_layers * 4 * 3 * 7 / 8 * slots)
+    assert all(c.intra_node for c in colls)  # 8 consecutive ranks: one node
+    est = estimate(colls, 1.0, PRESETS["a100-80gb"], 1.0)
+    assert est.seconds["all_to_all"] == pytest.approx(moe_layers * 12 * 7 / 8 * slots / 300e9)
+    assert est.step_s == pytest.approx(1.0 + est.seconds["all_to_all"])  # exposed: experts wait for tokens
+
+
+def test_a_slow_network_makes_the_step_communication_bound(repo_root):
+    cfg = load_model_config(repo_root / "configs/model/gpt3-1.3b.yaml")
+    fast = make_plan(cfg, 64, 80)
+    slow = make_plan(cfg, 64, 80, hw=PRESETS["a100-80gb"].__class__(**{**PRESETS["a100-80gb"].__dict__,
+                                                                      "ib_gbps": 0.1}))
+    assert fast.bound == "compute" and slow.bound == "communication"
+    assert slow.step_time_s > fast.step_time_s and slow.comm_time_s > slow.compute_time_s
+
+
+def test_hardware_presets_and_overrides_from_flags_and_config(capsys, repo_root, tmp_path):
+    code, plan = plan_json(capsys, str(repo_root / "configs/model/gpt3-1.3b.yaml"), "--gpus", "64",
+                           "--hardware", "h200")
+    assert code == 0 and plan["gpu_memory_gb"] == 141 and plan["gpu_tflops"] == 989
+    assert plan["hardware"]["ib_gbps"] == 50
+    train = tmp_path / "train.yaml"
+    train.write_text((repo_root / "configs/train/tiny-gpt-cpu.yaml").read_text().replace(
+        "model: ../model/tiny-gpt.yaml", f"model: {repo_root}/configs/model/tiny-gpt.yaml")
+        + "cluster:\n  hardware: h100\n  ib_gbps: 12.5\n  gpus_per_node: 4\n")
+    code, plan = plan_json(capsys, str(train), "--gpus", "8", "--nvlink-gbps", "100")
+    assert code == 0 and (plan["hardware"]["name"], plan["hardware"]["ib_gbps"], plan["hardware"]["gpus_per_node"],
+                          plan["hardware"]["nvlink_gbps"], plan["gpu_memory_gb"]) == ("h100", 12.5, 4, 100, 80)
+
+
+def test_unknown_preset_and_bad_figures_are_one_line_errors(capsys, repo_root):
+    model = str(repo_root / "configs/model/tiny-gpt.yaml")
+    assert main(["plan", model, "--gpus", "8", "--hardware", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--hardware" in err and "a100-80gb" in err
+    assert main(["plan", model, "--gpus", "8", "--ib-gbps", "-1"]) == 2
+    assert "--ib-gbps" in capsys.readouterr().err
+    assert main(["plan", model, "--gpus", "8", "--comm-overlap", "2"]) == 2
+    assert "--comm-overlap" in capsys.readouterr().err
+
+
+def test_text_output_names_compute_communication_and_the_bound(capsys, repo_root):
+    assert main(["plan", str(repo_root / "configs/model/gpt3-175b.yaml"), "--gpus", "1024",
+                 "--gpu-memory-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "-bound" in out and "compute " in out and "zero3 forward gather" in out and "InfiniBand 25 GB/s" in out
+    assert "the fastest estimated step of the" in out
