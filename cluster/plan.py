@@ -138,17 +138,20 @@ def _hidden_elements(cfg: ModelConfig) -> int:
 
 
 def block_element_bytes(cfg: ModelConfig, layer: int, tokens: int, precision: Precision,
-                        memory_tokens: int = 0) -> float:
+                        memory_tokens: int = 0, seq_len: int = 0) -> float:
     """Bytes autograd saves for one block's backward (trainer/model/gpt.py, encdec.py, attention.py, moe.py).
 
     Per token, with i = n_head * d_kv: each attention's norm input and output (2d), q/k/v (3i), the fused
-    attention's output and its contiguous copy for the projection (2i); a decoder block's cross-attention
+    attention's output and its contiguous copy for the projection (2i); a banded layer over sequences longer
+    than its window (trainer/model/local_attention.py) 5i more: the blocked queries, the key and value
+    block pairs (twice the keys and values) and that attention's output; a decoder block's cross-attention
     (`memory_tokens` > 0) the same but for keys and values, which are 2i per encoder position. The FFN's
     norm input and output (2d) and its hidden units (`_hidden_elements`); a Switch FFN instead keeps the
     routed [experts, capacity, d] buffer, the expert hidden pre/post activation and the gathered output,
     its router in float32. With dropout, a one-byte mask per residual branch."""
     d, a, inner = cfg.d_model, _element_bytes(precision), cfg.n_head * cfg.head_dim
-    attention = tokens * (2 * d + 5 * inner)
+    banded = cfg.attention == "alternating" and layer % 2 == 1 and seq_len > cfg.local_window
+    attention = tokens * (2 * d + (10 if banded else 5) * inner)
     if memory_tokens:
         attention += tokens * (2 * d + 3 * inner) + memory_tokens * 2 * inner
     masks = tokens * d * (3 if memory_tokens else 2) if cfg.dropout > 0 else 0
@@ -160,9 +163,16 @@ def block_element_bytes(cfg: ModelConfig, layer: int, tokens: int, precision: Pr
 
 
 def logits_bytes(cfg: ModelConfig, tokens: int, precision: Precision) -> float:
-    """Peak of the loss over the vocabulary: the logits, and in float32 the log-softmax output,
-    the gradient arriving from the NLL loss and the gradient it produces (alive together)."""
-    return tokens * cfg.vocab_size * (_element_bytes(precision) + 12)
+    """Peak of the loss over the vocabulary. Full logits (model.loss_chunk_tokens 0): the logits, and in
+    float32 the log-softmax output, the gradient arriving from the NLL loss and the gradient it produces
+    (alive together). Chunked (trainer/model/loss.py): one chunk's logits, their float32 copy (16-bit
+    only) and logsumexp's float32 temporary, plus the float32 head-weight gradient and the hidden
+    states' gradient the loss computes in its forward and keeps until backward."""
+    a, chunk = _element_bytes(precision), cfg.loss_chunk_tokens
+    if not chunk:
+        return tokens * cfg.vocab_size * (a + 12)
+    chunk_logits = min(tokens, chunk) * cfg.vocab_size * (a + 4 + (4 if a != 4 else 0))
+    return chunk_logits + 4 * cfg.vocab_size * cfg.d_model + a * tokens * cfg.d_model
 
 
 def _as_example(cfg: ModelConfig, example: Example | int) -> Example:
@@ -171,9 +181,9 @@ def _as_example(cfg: ModelConfig, example: Example | int) -> Example:
 
 
 def _stack_bytes(cfg: ModelConfig, layers: int, tokens: int, precision: Precision, checkpointing: bool,
-                 memory_tokens: int = 0) -> float:
+                 memory_tokens: int = 0, seq_len: int = 0) -> float:
     """One stack's blocks; checkpointed blocks keep only their input, then recompute one block at a time."""
-    per_block = [block_element_bytes(cfg, i, tokens, precision, memory_tokens) for i in range(layers)]
+    per_block = [block_element_bytes(cfg, i, tokens, precision, memory_tokens, seq_len) for i in range(layers)]
     if checkpointing:
         return layers * _element_bytes(precision) * tokens * cfg.d_model + max(per_block)
     return sum(per_block)
@@ -186,10 +196,8 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, example: Example | int,
     ex, a = _as_example(cfg, example), _element_bytes(precision)
     inputs, targets = micro_batch * ex.inputs, micro_batch * ex.targets
     if cfg.arch == "decoder":
-        blocks = _stack_bytes(cfg, cfg.n_layer, inputs, precision, checkpointing)
-        seq_len = ex.inputs
-        banded_mask = seq_len * seq_len if cfg.attention == "alternating" and seq_len > cfg.local_window else 0
-        return blocks + banded_mask + 2 * a * inputs * cfg.d_model + logits_bytes(cfg, inputs, precision)
+        blocks = _stack_bytes(cfg, cfg.n_layer, inputs, precision, checkpointing, seq_len=ex.inputs)
+        return blocks + 2 * a * inputs * cfg.d_model + logits_bytes(cfg, inputs, precision)
     blocks = (_stack_bytes(cfg, cfg.encoder_layers, inputs, precision, checkpointing)
               + _stack_bytes(cfg, cfg.n_layer, targets, precision, checkpointing, memory_tokens=inputs))
     final_norms = 2 * a * (inputs + targets) * cfg.d_model  # each stack's last norm, input and output

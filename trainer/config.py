@@ -94,6 +94,9 @@ class ModelConfig(Section):
     bias: bool = True
     layer_norm_eps: PositiveFloat = 1e-5
     init_std: PositiveFloat = 0.02
+    loss_chunk_tokens: int = Field(1024, ge=0, description="training's cross-entropy (arch decoder, encoder_decoder) "
+                                                           "holds the logits of this many tokens at a time "
+                                                           "(trainer/model/loss.py); 0: the whole micro batch's")
     moe: Optional[MoEConfig] = None
 
     @model_validator(mode="after")

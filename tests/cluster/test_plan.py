@@ -124,7 +124,9 @@ def test_t5_base_memory_terms_by_hand(repo_root):
     decoder_block = 2 * (T * (2 * d + 5 * d) + T * (2 * d + 3 * d) + S * 2 * d + T * (2 * d + ff)) + 3 * T * d
     final_norms = 2 * 2 * (S + T) * d
     relative_bias = 2 * 12 * (512 ** 2 + 2 * 114 ** 2)
-    logits = T * 50358 * (2 + 12)  # the targets' logits, and the loss's float32 buffers
+    # The loss a chunk of up to 1024 tokens at a time: their bf16 logits, its float32 copy and logsumexp's
+    # temporary; the float32 head-weight gradient and the bf16 hidden states' gradient, made in forward.
+    logits = T * 50358 * (2 + 4 + 4) + 4 * 50358 * d + 2 * T * d
     assert mem.activations == 12 * encoder_block + 12 * decoder_block + final_norms + relative_bias + logits
     assert mem.moe_all_to_all == 0 and mem.buffers == 4 * (-(-n // 10 ** 6) * 10 ** 6)
 
@@ -151,7 +153,7 @@ def test_switch_base_128_memory_terms_by_hand(repo_root):
     decoder = {False: decoder_attention + 2 * T * (2 * d + ff), True: decoder_attention + switch_ffn(T)}
     masks = 12 * 2 * S * d + 12 * 3 * T * d
     blocks = 6 * sum(encoder.values()) + 6 * sum(decoder.values()) + masks
-    rest = 2 * 2 * (S + T) * d + 2 * 12 * (512 ** 2 + 2 * 114 ** 2) + T * 50358 * 14
+    rest = 2 * 2 * (S + T) * d + 2 * 12 * (512 ** 2 + 2 * 114 ** 2) + T * 50358 * 10 + 4 * 50358 * d + 2 * T * d
     assert mem.activations == pytest.approx(blocks + rest)
     assert mem.moe_all_to_all == 2 * 1.25 * S * d * 2  # one Switch layer's tokens out and back, the encoder's
 
@@ -183,3 +185,15 @@ def test_switch_c_encoder_decoder_needs_expert_parallelism(capsys, repo_root):
     assert code == 0 and plan["feasible"]
     # 1571B parameters: bf16 weights alone are 3.1 TB, so the experts must be split over many ranks.
     assert plan["layout"]["ep_size"] >= 64 and plan["memory"]["total"] <= plan["budget_bytes"]
+
+
+def test_chunked_loss_lowers_the_estimate_by_the_logits_it_no_longer_holds(repo_root):
+    """GPT-3 Small, micro batch 2 x 2048 in fp32: the full path holds 4096 tokens' logits and three float32
+    buffers of that size; the chunked one a chunk's logits and two float32 buffers of that size, plus
+    the float32 head-weight gradient and the hidden states' gradient."""
+    cfg = load_model_config(repo_root / "configs/model/gpt3-125m.yaml")
+    layout = Layout(0, 1, 1, 2, 1, False)
+    chunked = estimate_memory(cfg, layout, 2048, "fp32").activations
+    full = estimate_memory(cfg.model_copy(update={"loss_chunk_tokens": 0}), layout, 2048, "fp32").activations
+    V, d, N = 50257, 768, 4096
+    assert full - chunked == N * V * 16 - (1024 * V * 8 + 4 * V * d + 4 * N * d)

@@ -173,7 +173,7 @@ def test_engine_builds_and_trains_it(one_process_world):
 
 
 # tiny-switch.yaml turned into a Switch encoder-decoder: T5's options, Switch layers in block 1 of each stack.
-TINY_SWITCH_T5 = dict(arch="encoder_decoder", pos_embedding="relative", norm="rmsnorm", bias=False,
+TINY_SWITCH_T5 = dict(arch="encoder_decoder", attention="dense", pos_embedding="relative", norm="rmsnorm", bias=False,
                       attention_scaling=False, activation="relu", scale_decoder_output=True, init="t5",
                       layer_norm_eps=1e-6, vocab_size=50358, decoder_start_token_id=50257,
                       moe=dict(num_experts=4, routing_group="sequence", jitter=0.01))

@@ -4,8 +4,9 @@ key-value cache that decoding one token at a time reads and extends.
 
 Every kind goes through `F.scaled_dot_product_attention`, so PyTorch picks the fused kernel
 for the device. Dense causal layers pass `is_causal=True` (no mask tensor at all); banded layers
-pass a boolean band mask that is built once per (length, window, device) and shared by every
-banded layer; a position bias is passed as the float mask, causal masking already folded in.
+attend block by block (trainer/model/local_attention.py: O(T * window), no (T, T) mask); decoding
+after cached keys passes a boolean band mask over the new queries; a position bias is passed as the
+float mask, causal masking already folded in.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
+from trainer.model.local_attention import banded_attention
 
 
 @functools.lru_cache(maxsize=16)
@@ -96,19 +98,26 @@ class Attention(nn.Module):
         x's tokens follow the cached ones (S counts those too)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, memory, cache)
+        y = self.attend(q, k, v, bias, causal=self.causal and memory is None and bias is None)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.inner))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+               causal: bool) -> torch.Tensor:
+        """(B, n_head, T, head_dim) outputs of the queries over the keys (the last T of them are the queries')."""
         dropout_p = self.dropout if self.training else 0.0
-        mask, is_causal = bias, self.causal and memory is None and bias is None
-        if is_causal:
-            past = k.shape[2] - T
+        T, past = q.shape[2], k.shape[2] - q.shape[2]
+        mask, is_causal = bias, causal
+        if causal:
             # A band at least as long as the keys is plain causal attention: that keeps the fast path.
             band = self.window if self.window is not None and past + T > self.window else None
+            if band and not past:
+                return banded_attention(q, k, v, band, dropout_p=dropout_p, scale=self.scale)
             if T == 1 and band is None:  # one query that sees every key
                 is_causal = False
             elif past or band:
-                mask, is_causal = banded_causal_mask(T, band, x.device, past), False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                                           scale=self.scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.inner))
+                mask, is_causal = banded_causal_mask(T, band, q.device, past), False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=self.scale)
 
     def project(self, x: torch.Tensor, memory: Optional[torch.Tensor],
                 cache: Optional[LayerCache]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

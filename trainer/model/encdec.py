@@ -26,6 +26,7 @@ from torch import nn
 from trainer.config import ModelConfig
 from trainer.model.attention import Attention, KVCache, LayerCache, RelativePositionBias
 from trainer.model.gpt import MLP, GPTOutput, InitByRule, lm_output, residual_init_std
+from trainer.model.loss import LMHead
 from trainer.model.moe import MoEStats, SwitchFFN
 
 
@@ -125,7 +126,7 @@ class EncoderDecoder(InitByRule):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_chunk_tokens)
         # Tied: the table is the head's weight, so its own is never allocated.
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, device="meta" if cfg.tie_embeddings else None)
         if cfg.tie_embeddings:
@@ -217,4 +218,4 @@ class EncoderDecoder(InitByRule):
         x, decoder_stats = self.decoder(self.embed(decoder_inputs, past), memory, cache)
         if self.cfg.scale_decoder_output:
             x = x * self.cfg.d_model ** -0.5
-        return lm_output(self.cfg, self.lm_head(x), targets, encoder_stats + decoder_stats)
+        return lm_output(self.cfg, self.lm_head, x, targets, encoder_stats + decoder_stats)

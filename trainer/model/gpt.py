@@ -19,12 +19,13 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.model.attention import Attention, KVCache, LayerCache
+from trainer.model.loss import LMHead
 from trainer.model.moe import MoEStats, SwitchFFN, draw_
 
 
 @dataclass
 class GPTOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: Optional[torch.Tensor]  # (B, T, V); None when training's loss was chunked (lm_output)
     loss: Optional[torch.Tensor]  # ce + aux_loss_coef * aux_loss + z_loss_coef * z_loss (ce alone for dense)
     ce_loss: Optional[torch.Tensor]
     aux_loss: torch.Tensor  # mean over MoE layers of the load-balancing loss, unscaled (0 for dense)
@@ -126,7 +127,7 @@ class GPT(InitByRule):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_chunk_tokens)
         # Tied input/output embeddings: the table is the LM head's weight, so its own is never allocated.
         embeddings = dict(wte=nn.Embedding(cfg.vocab_size, cfg.d_model, device="meta"))
         embeddings["wte"].weight = lm_head.weight
@@ -193,20 +194,24 @@ class GPT(InitByRule):
             x, stats = block(x, None if cache is None else cache.self_attn[i])
             if stats is not None:
                 moe_stats.append(stats)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        return lm_output(self.cfg, logits, targets, moe_stats)
+        return lm_output(self.cfg, self.lm_head, self.transformer.ln_f(x), targets, moe_stats)
 
 
-def lm_output(cfg: ModelConfig, logits: torch.Tensor, targets: Optional[torch.Tensor],
+def lm_output(cfg: ModelConfig, head: LMHead, hidden: torch.Tensor, targets: Optional[torch.Tensor],
               moe_stats: list[MoEStats]) -> GPTOutput:
-    """Logits, and with targets the loss: cross-entropy plus the MoE layers' mean aux and z losses, scaled."""
-    zero = logits.new_zeros((), dtype=torch.float32)
+    """Logits of the final hidden states, and with targets the loss: cross-entropy plus the MoE layers'
+    mean aux and z losses, scaled. Training (targets, gradients on, cfg.loss_chunk_tokens > 0) takes the
+    cross-entropy a chunk at a time and returns no logits; eval and decoding get them all."""
+    zero = hidden.new_zeros((), dtype=torch.float32)
     aux_loss = torch.stack([s.aux_loss for s in moe_stats]).mean() if moe_stats else zero
     z_loss = torch.stack([s.z_loss for s in moe_stats]).mean() if moe_stats else zero
+    chunked = targets is not None and torch.is_grad_enabled() and cfg.loss_chunk_tokens > 0
+    logits = None if chunked else head(hidden)
     loss = ce_loss = None
     if targets is not None:
         # Cross-entropy in float32 even under bf16 autocast; -1 marks positions without a target.
-        ce_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        ce_loss = head(hidden, targets) if chunked else F.cross_entropy(
+            logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         loss = ce_loss
         if moe_stats:
             loss = ce_loss + cfg.moe.aux_loss_coef * aux_loss + cfg.moe.z_loss_coef * z_loss
