@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from pathlib import Path
 
 import psutil
@@ -17,6 +18,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every process this session starts (Ray heads, their workers, ranks) inherits this: the mark that
+# lets the cleanup below stop our Ray processes and never another session's on the same machine.
+SESSION_VAR = "PRETRAIN_TEST_SESSION"
+os.environ[SESSION_VAR] = uuid.uuid4().hex
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +38,15 @@ def repo_root() -> Path:
 
 
 def ray_processes() -> dict[int, psutil.Process]:
-    """Ray's processes on this machine, by pid (agents rename themselves ray::...)."""
+    """This session's Ray processes, by pid (agents rename themselves ray::...)."""
     found = {}
     for proc in psutil.process_iter(["name", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
         if (proc.info["name"] or "").startswith("ray::") or any(
                 s in cmd for s in ("ray.util.client.server", "raylet", "gcs_server", "/ray/")):
-            found[proc.pid] = proc
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get(SESSION_VAR) == os.environ[SESSION_VAR]:
+                    found[proc.pid] = proc
     return found
 
 
