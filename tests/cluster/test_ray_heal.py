@@ -37,6 +37,8 @@ def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> 
 def test_training_job_restarts_a_killed_rank_and_matches_the_uninterrupted_run(train_job, data_job, ray_head,
                                                                               repo_root, tmp_path):
     """train_job's settings plus a checkpoint every 2 steps; rank 1 is killed after the step-2 checkpoint."""
+    assert train_job.state == "SUCCEEDED", train_job.printed[-3000:]
+    straight = read_metrics(train_job.output_dir)
     run_dir = tmp_path / "run"
     job_id = submit_with_env(ray_head, [
         str(repo_root / "configs/train/tiny-switch-cpu.yaml"), "--run-dir", str(run_dir), "--name", "pretrain-test-heal",
@@ -50,7 +52,7 @@ def test_training_job_restarts_a_killed_rank_and_matches_the_uninterrupted_run(t
     rank1[0].kill()
     assert ray_jobs.wait(ray_head, job_id, timeout_s=300) == "SUCCEEDED", ray_jobs.logs(ray_head, job_id)[-3000:]
     assert "restart 1 of 3 (cluster.max_restarts)" in ray_jobs.logs(ray_head, job_id)
-    healed, straight = read_metrics(run_dir), read_metrics(train_job.output_dir)
+    healed = read_metrics(run_dir)
     assert sorted(healed) == sorted(straight) == [1, 2, 3, 4]
     assert [healed[s]["loss"] for s in straight] == [straight[s]["loss"] for s in straight]  # exact, fp32
     assert [healed[s]["expert_load"] for s in straight] == [straight[s]["expert_load"] for s in straight]
