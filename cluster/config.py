@@ -157,6 +157,8 @@ class ClusterConfig(Section):
     python: Optional[str] = Field(None, description="interpreter on the cluster; default: this one for "
                                                     "slurm/ssh (shared filesystem), `python` for ray/k8s images")
     hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=G` lines) for backend ssh")
+    max_restarts: int = Field(3, ge=0, description="backend ray/k8s: times a training job restarts its ranks after "
+                                                     "a failure (a lost worker), resuming from the newest checkpoint")
     k8s: KubeConfig = Field(default_factory=KubeConfig, description="backend k8s: volume, paths, pod resources")
 
     @field_validator("hardware")

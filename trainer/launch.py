@@ -19,6 +19,7 @@ from trainer.config import RunConfig
 from trainer.configio import dump_yaml, read_run_config
 from trainer.distributed import free_port
 from trainer.errors import TrainError
+from trainer.watchdog import LAUNCHER_PID, exit_with_launcher
 
 USER_ERROR = 2  # trainer.main's exit status for a user error
 
@@ -52,7 +53,8 @@ def launch(run_dir: Path, nproc: int) -> int:
     cmd = [sys.executable, "-m", "trainer.launch", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "trainer.main", str(run_dir)]
     repo = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+               **{LAUNCHER_PID: str(os.getpid())})
     # torchrun would set 1 thread per process, with a banner; share the cores out instead (1 on 2 cores x 2 ranks).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(cmd, env=env)
@@ -60,11 +62,18 @@ def launch(run_dir: Path, nproc: int) -> int:
 
 def torchrun(argv: Optional[list[str]] = None) -> int:
     """torchrun's exit status, but 2 without a launcher traceback when every failed rank had a user error."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    if LAUNCHER_PID in os.environ:  # started by `pretrain train`: stop (and stop the ranks) when it dies
+        exit_with_launcher()
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks' launcher is this agent
     try:
         run(parse_args(argv))
+    except SignalException as e:  # SIGTERM/SIGINT: the agent has already stopped the ranks
+        print(f"stopped by signal {e.sigval.name}", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
         # The agent stops the other ranks with a signal (negative exit code) once one has failed.

@@ -33,6 +33,7 @@ from trainer.memory import PeakMemory
 from trainer.metrics import MetricsLogger, flops_for, moe_fields, progress_line
 from trainer.schedule import accumulation_at, lr_at
 from trainer.stability import SpikeMonitor
+from trainer.watchdog import LAUNCHER_PID, exit_with_launcher
 
 log = logging.getLogger("trainer")
 
@@ -269,6 +270,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
+    if LAUNCHER_PID in os.environ or "WORLD_SIZE" in os.environ:  # a rank: useless, and costly, without its launcher
+        exit_with_launcher()
     try:
         return train(args.run_dir)
     except (TrainError, ConfigError) as e:

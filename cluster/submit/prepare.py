@@ -10,13 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.config import JobConfig
 
 
-def prepare(config: str, run_dir: str, world: int, overrides: list[str] = ()) -> Path:
+def prepare(config: str, run_dir: str, world: int, overrides: list[str] = ()) -> JobConfig:
+    """Returns the job's config as the user wrote it (the run dir holds it laid out for `world`)."""
     from cluster.configio import load_run_config
     from trainer.launch import prepare_run_dir
 
-    return prepare_run_dir(load_run_config(config, list(overrides)), Path(run_dir), world)
+    job = load_run_config(config, list(overrides))
+    prepare_run_dir(job, Path(run_dir), world)
+    return job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,12 +114,21 @@ def follow(address: str | None, job_id: str, out=None) -> str:
 
     out = out or sys.stdout
     c = client(address)
+    written = 0
 
     async def tail() -> None:
+        nonlocal written
         async for chunk in c.tail_job_logs(job_id):
             out.write(chunk)
             out.flush()
+            written += len(chunk)
 
-    asyncio.run(tail())
+    try:
+        asyncio.run(tail())
+    except RuntimeError:  # a busy dashboard can drop the stream (close code 1006): poll to the end instead
+        state = wait(address, job_id)
+        out.write(logs(address, job_id)[written:])
+        out.flush()
+        return state
     # The log stream closes when the job ends; the status may lag it by a moment.
     return wait(address, job_id, timeout_s=30)

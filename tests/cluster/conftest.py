@@ -69,9 +69,15 @@ def stop_ray(temp_dir: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_head():
+def ray_head_dir() -> str:
+    """The fixture head's --temp-dir: its processes carry it on their command lines (own_processes)."""
+    return tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths have a length limit
+
+
+@pytest.fixture(scope="session")
+def ray_head(ray_head_dir):
     """`ray start --head` with the dashboard, all on 127.0.0.1; yields the dashboard address."""
-    temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    temp_dir = ray_head_dir
     gcs, dash, client, node_mgr, obj_mgr, metrics, agent, agent_grpc, env_agent = free_ports(9)
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
@@ -92,6 +98,23 @@ def ray_head():
     finally:
         stop_ray(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def trainer_ranks(run_dir: str) -> list[psutil.Process]:
+    """The training ranks of one run dir, wherever they were started from."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "trainer.main" in cmd and run_dir in cmd:
+            found.append(proc)
+    return found
+
+
+def wait_for_ranks(run_dir: str, count: int, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(trainer_ranks(run_dir)) < count:
+        assert time.monotonic() < deadline, f"{count} trainer ranks never started for {run_dir}"
+        time.sleep(0.5)
 
 
 def _wait_for_jobs_api(address: str, timeout_s: float = 60) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import time
 
-import psutil
 import pytest
 import yaml
 
 from cluster.cli import main
+from tests.cluster.conftest import trainer_ranks, wait_for_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -46,31 +46,15 @@ def test_stopped_job_is_reported_stopped_and_leaves_no_ranks(data_job, ray_head,
                  "--nodes", "2", "--gpus-per-node", "0", "--set", f"data.path={data_job.output_dir}",
                  "--set", "train.max_steps=100000", "--set", "logging.wandb_mode=disabled"]) == 0
     capsys.readouterr()
-    _wait_for_ranks(str(run_dir), count=2)
+    wait_for_ranks(str(run_dir), count=2)
     assert main(["jobs", "stop", "pretrain-test-stop", "--address", ray_head]) == 0
     assert capsys.readouterr().out.strip() == "pretrain-test-stop: STOPPED"
     deadline = time.monotonic() + 30
-    while _ranks(str(run_dir)) and time.monotonic() < deadline:
+    while trainer_ranks(str(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _ranks(str(run_dir)), "trainer ranks survived the stopped job"
+    assert not trainer_ranks(str(run_dir)), "trainer ranks survived the stopped job"
 
 
 def test_unknown_job_is_a_one_line_error(ray_head, capsys):
     assert main(["jobs", "status", "no-such-job", "--address", ray_head]) == 2
     assert capsys.readouterr().err.count("\n") == 1
-
-
-def _ranks(run_dir: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if "trainer.main" in cmd and run_dir in cmd:
-            found.append(proc)
-    return found
-
-
-def _wait_for_ranks(run_dir: str, count: int, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while len(_ranks(run_dir)) < count:
-        assert time.monotonic() < deadline, f"{count} trainer ranks never started for {run_dir}"
-        time.sleep(0.5)

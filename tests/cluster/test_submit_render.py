@@ -144,3 +144,13 @@ def test_prepare_validates_for_the_job_world_size_and_writes_the_config(tmp_path
     assert prepare.main([config, str(tmp_path / "run"), "--world", "2", *sets]) == 0
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert written["parallel"]["ep_size"] == 2 and written["data"]["path"] == str(data)
+
+
+def test_ray_job_carries_the_restart_count_and_refuses_a_negative_one(capsys, hostile_config):
+    from cluster.submit.ray_jobs import CONFIG_ENV
+
+    out = dry_run(capsys, str(hostile_config), "--backend", "ray", "--set", "cluster.max_restarts=5")
+    assert yaml.safe_load(out.split(f"{CONFIG_ENV}:\n", 1)[1])["cluster"]["max_restarts"] == 5
+    assert main(["submit", str(hostile_config), "--backend", "ray", "--set", "cluster.max_restarts=-1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cluster.max_restarts" in err, err
