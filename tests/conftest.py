@@ -36,6 +36,17 @@ def repo_root() -> Path:
     return REPO
 
 
+# Session fixtures that train a model: a test that uses one is slow whatever its own body costs, so the
+# quick subset (`-m "not slow"`) trains nothing.
+TRAINED_RUN_FIXTURES = {"dense_run", "gpt_run", "straight", "killed_after_checkpoint"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINED_RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def ray_processes() -> dict[int, psutil.Process]:
     """This test session's Ray processes, by pid (agents rename themselves ray::...)."""
     found = {}

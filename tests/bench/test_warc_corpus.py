@@ -1,6 +1,8 @@
 """The end-to-end benchmark's WARC builder: size, distinct URLs, and the planted duplicates."""
 from __future__ import annotations
 
+import pytest
+
 from data_pipeline.document import StepStats
 from data_pipeline.extract import html_to_text
 from data_pipeline.readers.web import iter_warc_records
@@ -12,6 +14,7 @@ def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+@pytest.mark.slow
 def test_corpus_has_its_size_distinct_urls_and_the_planted_duplicates(tmp_path, shared_data):
     summary = build_corpus(shared_data, tmp_path, target_mb=2, files=2, exact=0.15, near=0.15)
     records = [(r.rec_headers.get_header("WARC-Target-URI"), body) for path in sorted(tmp_path.glob("*.warc.gz"))

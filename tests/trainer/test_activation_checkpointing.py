@@ -32,6 +32,7 @@ def gradients(checkpointing: bool) -> tuple[float, dict[str, torch.Tensor]]:
     return out.loss.item(), {name: p.grad for name, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_switch_gradients_are_identical_with_checkpointing():
     loss, grads = gradients(False)
     loss_ckpt, grads_ckpt = gradients(True)

@@ -84,6 +84,7 @@ def test_consolidation_joins_every_ranks_fragments(tmp_path):
     assert not (tmp_path / "again.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, shard_dir):
     run = make_run(tmp_path / "run", shard_dir, train={"max_steps": 6})
     env = {**child_env(), testing_hooks.STEP_DELAY_S: "0.2"}
