@@ -13,7 +13,7 @@ run. Per seed (train.seed: the initial weights and the data order; both models s
   of experts), its mean over steps and its worst step.
 
     nice -n 10 python bench/switch_vs_dense.py [--dense TRAIN_YAML] [--switch TRAIN_YAML] [--seeds 1 2 3]
-        [--steps N] [--eval-every K] [--data DIR] [--set KEY=VALUE ...] [--set-switch KEY=VALUE ...]
+        [--steps N] [--jobs J] [--eval-every K] [--data DIR] [--set KEY=VALUE ...] [--set-switch KEY=VALUE ...]
         [--set-dense KEY=VALUE ...] [--out FILE.json]
 
 The pair defaults to configs/train/tiny-gpt-cpu.yaml and tiny-switch-cpu.yaml; the encoder-decoder pair is
@@ -25,12 +25,15 @@ train.decay_tokens to match). Results: docs/benchmarks.md, "Switch vs dense (CPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -199,6 +202,22 @@ def print_seed(seed: int, result: dict) -> None:
               f"(worst step {r['load_max_over_mean_worst']:.2f})", flush=True)
 
 
+def run_seed(dense: RunConfig, switch: RunConfig, seed: int, args: argparse.Namespace, tmp: Path,
+             heldout: Optional[tuple] = None) -> dict:
+    """Both runs of one seed and their comparison (in a worker process when --jobs > 1)."""
+    if heldout is None:  # a worker: the loss function does not pickle, so it is made again here
+        torch.set_num_threads(args.threads)
+        from trainer.malloc import keep_freed_memory
+
+        keep_freed_memory()
+        heldout = heldout_set(dense, args.eval_batches)
+    runs = {name: train_curve(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})}),
+                              tmp / f"{name}-{seed}", args.eval_every, heldout)
+            for name, cfg in (("dense", dense), ("switch", switch))}
+    runs["compare"] = compare(runs["dense"], runs["switch"])
+    return runs
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", default=str(REPO / "configs/train/tiny-gpt-cpu.yaml"), help="train YAML, dense")
@@ -212,6 +231,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--set-dense", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--set-switch", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, one process each")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     return parser.parse_args(argv)
 
@@ -237,13 +257,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                "overrides_dense": args.set_dense, "overrides_switch": args.set_switch, "flops_per_token": flops,
                "steps": dense.train.max_steps, "eval_every": args.eval_every, "seeds": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            runs = {name: train_curve(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})}),
-                                      Path(tmp) / f"{name}-{seed}", args.eval_every, heldout)
-                    for name, cfg in (("dense", dense), ("switch", switch))}
-            runs["compare"] = compare(runs["dense"], runs["switch"])
-            results["seeds"][seed] = runs
-            print_seed(seed, runs)
+        # --jobs > 1: one process per seed, each with its own torch threads and its own world of one
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) if args.jobs > 1 \
+                else contextlib.nullcontext() as pool:
+            done = pool.map(run_seed, *zip(*[(dense, switch, seed, args, Path(tmp)) for seed in args.seeds])) \
+                if pool else (run_seed(dense, switch, seed, args, Path(tmp), heldout) for seed in args.seeds)
+            for seed, runs in zip(args.seeds, done):
+                results["seeds"][seed] = runs
+                print_seed(seed, runs)
     results["summary"] = summarize(results["seeds"])
     print(json.dumps(results["summary"], indent=1))
     if args.out:
