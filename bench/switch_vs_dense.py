@@ -13,8 +13,8 @@ run. Per seed (train.seed: the initial weights and the data order; both models s
   of experts), its mean over steps and its worst step.
 
     nice -n 10 python bench/switch_vs_dense.py [--dense TRAIN_YAML] [--switch TRAIN_YAML] [--seeds 1 2 3]
-        [--steps N] [--jobs J] [--eval-every K] [--data DIR] [--set KEY=VALUE ...] [--set-switch KEY=VALUE ...]
-        [--set-dense KEY=VALUE ...] [--out FILE.json]
+        [--steps N] [--jobs J] [--eval-every K] [--eval-batches B] [--data DIR] [--set KEY=VALUE ...]
+        [--set-switch KEY=VALUE ...] [--set-dense KEY=VALUE ...] [--out FILE.json]
 
 The pair defaults to configs/train/tiny-gpt-cpu.yaml and tiny-switch-cpu.yaml; the encoder-decoder pair is
 tiny-t5-cpu.yaml and tiny-switch-t5-cpu.yaml (span corruption: the held-out loss is that of the targets). The script refuses a pair
