@@ -17,10 +17,10 @@ run. Per seed (train.seed: the initial weights and the data order; both models s
         [--set-switch KEY=VALUE ...] [--set-dense KEY=VALUE ...] [--out FILE.json]
 
 The pair defaults to configs/train/tiny-gpt-cpu.yaml and tiny-switch-cpu.yaml; the encoder-decoder pair is
-tiny-t5-cpu.yaml and tiny-switch-t5-cpu.yaml (span corruption: the held-out loss is that of the targets). The script refuses a pair
-whose models differ anywhere but `moe`, or whose configs would draw different tokens. `--set` applies
-to both runs, `--set-switch` / `--set-dense` to one. `--steps` keeps the configs' lr schedule (set
-train.decay_tokens to match). Results: docs/benchmarks.md, "Switch vs dense (CPU)".
+tiny-t5-cpu.yaml and tiny-switch-t5-cpu.yaml (span corruption: the held-out loss is that of the targets).
+The script refuses a pair whose models differ anywhere but `moe`, or whose configs would draw different
+tokens. `--set` applies to both runs, `--set-switch` / `--set-dense` to one. `--steps` keeps the configs'
+lr schedule (set train.decay_tokens to match). Results: docs/benchmarks.md, "Switch vs dense (CPU)".
 """
 from __future__ import annotations
 
