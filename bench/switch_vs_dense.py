@@ -13,23 +13,27 @@ run. Per seed (train.seed: the initial weights and the data order; both models s
   of experts), its mean over steps and its worst step.
 
     nice -n 10 python bench/switch_vs_dense.py [--dense TRAIN_YAML] [--switch TRAIN_YAML] [--seeds 1 2 3]
-        [--steps N] [--eval-every K] [--data DIR] [--set KEY=VALUE ...] [--set-switch KEY=VALUE ...]
-        [--set-dense KEY=VALUE ...] [--out FILE.json]
+        [--steps N] [--jobs J] [--eval-every K] [--eval-batches B] [--data DIR] [--set KEY=VALUE ...]
+        [--set-switch KEY=VALUE ...] [--set-dense KEY=VALUE ...] [--out FILE.json]
 
-The pair defaults to configs/train/tiny-gpt-cpu.yaml and tiny-switch-cpu.yaml. The script refuses a pair
-whose models differ anywhere but `moe`, or whose configs would draw different tokens. `--set` applies
-to both runs, `--set-switch` / `--set-dense` to one. `--steps` keeps the configs' lr schedule (set
-train.decay_tokens to match). Results: docs/benchmarks.md, "Switch vs dense (CPU)".
+The pair defaults to configs/train/tiny-gpt-cpu.yaml and tiny-switch-cpu.yaml; the encoder-decoder pair is
+tiny-t5-cpu.yaml and tiny-switch-t5-cpu.yaml (span corruption: the held-out loss is that of the targets).
+The script refuses a pair whose models differ anywhere but `moe`, or whose configs would draw different
+tokens. `--set` applies to both runs, `--set-switch` / `--set-dense` to one. `--steps` keeps the configs'
+lr schedule (set train.decay_tokens to match). Results: docs/benchmarks.md, "Switch vs dense (CPU)".
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -45,7 +49,8 @@ from trainer.errors import ConfigError, TrainError  # noqa: E402
 from trainer.model.counting import flops_per_token  # noqa: E402
 
 # What decides the token stream: the two configs must agree on all of it (train.seed is set per run).
-SAME_TOKENS = ("data", "train.seq_len", "train.micro_batch_size", "train.global_batch_size", "train.max_steps",
+SAME_TOKENS = ("data", "train.objective", "train.span_corruption", "train.seq_len", "train.micro_batch_size",
+               "train.global_batch_size", "train.max_steps",
                "train.batch_rampup_tokens", "train.batch_rampup_start_tokens")
 
 
@@ -79,19 +84,20 @@ def load_pair(args) -> tuple[RunConfig, RunConfig]:
     return dense, switch
 
 
-# Held-out evaluation per objective: (batches from the run's held-out documents, mean loss of a model on
-# them). The encoder-decoder pair plugs in here: its batches from the span-corruption loader, its loss from
-# `model(inputs, targets)`; the training step itself is the trainer's, whatever the objective.
-def causal_lm_heldout(cfg: RunConfig, batches: int) -> tuple[list, Callable]:
-    from trainer.data import heldout_batches, load_manifest
+def heldout_set(cfg: RunConfig, batches: int) -> tuple[list, Callable]:
+    """`pretrain eval`'s held-out batches and loss for the run's objective (causal LM: next-token loss;
+    span corruption: the loss of the targets made of the held-out documents with the run's seed)."""
+    from trainer.data import heldout_batches, load_manifest, objective_for
     from trainer.eval import heldout_loss
 
     manifest = load_manifest(cfg.data.path, cfg.model.vocab_size, cfg.data.weights)
-    held = heldout_batches(manifest, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.data.heldout_percent, batches)
-    return held, lambda model, b: heldout_loss(model, b)["heldout_loss"]
-
-
-OBJECTIVES = {"causal_lm": causal_lm_heldout}
+    objective = objective_for(cfg.train, manifest)
+    held = heldout_batches(manifest, objective, cfg.train.micro_batch_size, cfg.data.heldout_percent, batches)
+    if not held:
+        raise TrainError(f"data.heldout_percent: {cfg.data.heldout_percent}% of {cfg.data.path} makes no held-out "
+                         f"micro-batch of {cfg.train.micro_batch_size}; raise it")
+    tokens = sum(objective.predicted(objective.split(b)[-1]) for b in held)
+    return held, lambda model, b: heldout_loss(model, b, objective)["heldout_loss"], tokens
 
 
 def evaluate(model: torch.nn.Module, batches: list, loss_fn: Callable) -> float:
@@ -102,7 +108,7 @@ def evaluate(model: torch.nn.Module, batches: list, loss_fn: Callable) -> float:
         model.train()
 
 
-def train_curve(cfg: RunConfig, run_dir: Path, eval_every: int, heldout: tuple[list, Callable]) -> dict:
+def train_curve(cfg: RunConfig, run_dir: Path, eval_every: int, heldout: tuple[list, Callable, int]) -> dict:
     """Train one run, evaluating at step 0, every `eval_every` steps and at the end; MoE step records kept."""
     from trainer.distributed import init_distributed, shutdown_distributed
     from trainer.launch import prepare_run_dir
@@ -119,13 +125,13 @@ def train_curve(cfg: RunConfig, run_dir: Path, eval_every: int, heldout: tuple[l
     try:
         trainer = Trainer(cfg, run_dir)
         model = trainer.engine.module
-        curve.append((0, evaluate(model, *heldout)))
+        curve.append((0, evaluate(model, *heldout[:2])))
         while trainer.step < cfg.train.max_steps:
             record = trainer.train_step()
             if "expert_load" in record:
                 moe_steps.append({k: record[k] for k in ROUTING_KEYS})
             if trainer.step % eval_every == 0 or trainer.step == cfg.train.max_steps:
-                curve.append((trainer.step, evaluate(model, *heldout)))
+                curve.append((trainer.step, evaluate(model, *heldout[:2])))
                 print(f"  {cfg.model.name} seed {cfg.train.seed} step {trainer.step}: held-out {curve[-1][1]:.4f}",
                       file=sys.stderr, flush=True)
     finally:
@@ -196,11 +202,26 @@ def print_seed(seed: int, result: dict) -> None:
               f"(worst step {r['load_max_over_mean_worst']:.2f})", flush=True)
 
 
+def run_seed(dense: RunConfig, switch: RunConfig, seed: int, args: argparse.Namespace, tmp: Path,
+             heldout: Optional[tuple] = None) -> dict:
+    """Both runs of one seed and their comparison (in a worker process when --jobs > 1)."""
+    if heldout is None:  # a worker: the loss function does not pickle, so it is made again here
+        torch.set_num_threads(args.threads)
+        from trainer.malloc import keep_freed_memory
+
+        keep_freed_memory()
+        heldout = heldout_set(dense, args.eval_batches)
+    runs = {name: train_curve(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})}),
+                              tmp / f"{name}-{seed}", args.eval_every, heldout)
+            for name, cfg in (("dense", dense), ("switch", switch))}
+    runs["compare"] = compare(runs["dense"], runs["switch"])
+    return runs
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", default=str(REPO / "configs/train/tiny-gpt-cpu.yaml"), help="train YAML, dense")
     parser.add_argument("--switch", default=str(REPO / "configs/train/tiny-switch-cpu.yaml"), help="train YAML, Switch")
-    parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="causal_lm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--steps", type=int, help="train.max_steps for both (default: the configs')")
     parser.add_argument("--eval-every", type=int, default=25)
@@ -210,6 +231,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--set-dense", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--set-switch", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, one process each")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     return parser.parse_args(argv)
 
@@ -222,26 +244,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     keep_freed_memory()  # as trainer.main.train does on CPU
     try:
         dense, switch = load_pair(args)
-        heldout = OBJECTIVES[args.objective](dense, args.eval_batches)
+        heldout = heldout_set(dense, args.eval_batches)
     except (ConfigError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    flops = {"dense": flops_per_token(dense.model, dense.train.seq_len),
-             "switch": flops_per_token(switch.model, switch.train.seq_len)}
+    flops = {"dense": flops_per_token(dense.model, train=dense.train),  # per raw token, whatever the objective
+             "switch": flops_per_token(switch.model, train=switch.train)}
     print(f"FLOPs per token: dense {flops['dense']:,.0f}, switch {flops['switch']:,.0f} "
           f"(switch/dense {flops['switch'] / flops['dense']:.4f}); held-out tokens per eval "
-          f"{sum(b[:, 1:].numel() for b in heldout[0])}", flush=True)
+          f"{heldout[2]}", flush=True)
     results = {"dense_config": args.dense, "switch_config": args.switch, "overrides": vars(args)["set"],
                "overrides_dense": args.set_dense, "overrides_switch": args.set_switch, "flops_per_token": flops,
                "steps": dense.train.max_steps, "eval_every": args.eval_every, "seeds": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            runs = {name: train_curve(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})}),
-                                      Path(tmp) / f"{name}-{seed}", args.eval_every, heldout)
-                    for name, cfg in (("dense", dense), ("switch", switch))}
-            runs["compare"] = compare(runs["dense"], runs["switch"])
-            results["seeds"][seed] = runs
-            print_seed(seed, runs)
+        # --jobs > 1: one process per seed, each with its own torch threads and its own world of one
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) if args.jobs > 1 \
+                else contextlib.nullcontext() as pool:
+            done = pool.map(run_seed, *zip(*[(dense, switch, seed, args, Path(tmp)) for seed in args.seeds])) \
+                if pool else (run_seed(dense, switch, seed, args, Path(tmp), heldout) for seed in args.seeds)
+            for seed, runs in zip(args.seeds, done):
+                results["seeds"][seed] = runs
+                print_seed(seed, runs)
     results["summary"] = summarize(results["seeds"])
     print(json.dumps(results["summary"], indent=1))
     if args.out:

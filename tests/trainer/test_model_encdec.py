@@ -172,11 +172,8 @@ def test_engine_builds_and_trains_it(one_process_world):
     build_and_train(SWITCH, zero=1)  # experts marked and built on the meta device (ZeRO-3 refuses MoE)
 
 
-# tiny-switch.yaml turned into a Switch encoder-decoder: T5's options, Switch layers in block 1 of each stack.
-TINY_SWITCH_T5 = dict(arch="encoder_decoder", attention="dense", pos_embedding="relative", norm="rmsnorm", bias=False,
-                      attention_scaling=False, activation="relu", scale_decoder_output=True, init="t5",
-                      layer_norm_eps=1e-6, vocab_size=50358, decoder_start_token_id=50257,
-                      moe=dict(num_experts=4, routing_group="sequence", jitter=0.01))
+# tiny-switch-t5.yaml (Switch layers in block 1 of each stack) with 4 experts routed per sequence.
+TINY_SWITCH_T5 = dict(moe=dict(num_experts=4, routing_group="sequence", jitter=0.01))
 
 
 @pytest.mark.slow
@@ -189,7 +186,7 @@ def test_switch_encoder_decoder_trains_the_same_with_expert_parallelism(tmp_path
     from trainer.weight_shards import ShardedWeights
 
     def train(nproc: int, zero: int, ep: int):
-        run = make_run(tmp_path / f"run-{nproc}", shard_dir, model="tiny-switch", model_overrides=TINY_SWITCH_T5,
+        run = make_run(tmp_path / f"run-{nproc}", shard_dir, model="tiny-switch-t5", model_overrides=TINY_SWITCH_T5,
                        train={"max_steps": 6, "micro_batch_size": 4, "global_batch_size": 8,
                               "objective": "span_corruption"},
                        parallel={"zero_stage": zero, "ep_size": ep}, checkpoint={"interval": 6})
@@ -218,7 +215,7 @@ def test_switch_encoder_decoder_resumes_exactly(tmp_path, shard_dir):
     from tests.trainer.conftest import make_run, read_metrics, train_in_process
 
     def run(name: str, steps: int):
-        return make_run(tmp_path / name, shard_dir, model="tiny-switch", model_overrides=TINY_SWITCH_T5,
+        return make_run(tmp_path / name, shard_dir, model="tiny-switch-t5", model_overrides=TINY_SWITCH_T5,
                         train={"max_steps": steps, "seq_len": 32, "objective": "span_corruption"},
                         parallel={"zero_stage": 1},
                         checkpoint={"interval": 4})
