@@ -79,7 +79,8 @@ def device_peak(precision: str, override: float | None = None) -> tuple[float, s
     # CPUs without bf16 units run bf16 matmuls far slower than fp32; the faster of the two is the peak.
     dtypes = [torch.float32] + ([torch.bfloat16] if precision == "bf16" else [])
     peak = max(measure_cpu_peak(dtype=d) for d in dtypes)
-    return peak, f"measured by a matmul at start-up, best of {precision} and fp32 ({torch.get_num_threads()} threads)"
+    kinds = " and ".join(dict.fromkeys([precision, "fp32"]))  # bf16 runs try both; fp32 runs one
+    return peak, f"measured by a matmul at start-up, best of {kinds} ({torch.get_num_threads()} threads)"
 
 
 def world_peak(precision: str, override: float | None = None) -> tuple[float, str]:
