@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,12 @@ import pytest
 from cluster.cli import main
 
 VENV_BIN = Path(sys.executable).parent
+
+
+def plan_json(capsys, *args: str) -> tuple[int, dict]:
+    """`pretrain plan ARGS --json`: (exit code, the plan)."""
+    code = main(["plan", *args, "--json"])
+    return code, json.loads(capsys.readouterr().out)
 
 
 def free_ports(n: int) -> list[int]:

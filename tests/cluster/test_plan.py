@@ -10,11 +10,8 @@ import pytest
 from cluster.cli import main
 from cluster.configio import load_model_config
 from cluster.plan import GB, Layout, estimate_memory, make_plan
+from tests.cluster.conftest import plan_json
 
-
-def plan_json(capsys, *args: str) -> tuple[int, dict]:
-    code = main(["plan", *args, "--json"])
-    return code, json.loads(capsys.readouterr().out)
 
 
 def test_gpt3_175b_on_1024_gpus_is_feasible(capsys, repo_root):

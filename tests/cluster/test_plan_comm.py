@@ -2,20 +2,15 @@
 layout chosen by estimated step time."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from cluster.cli import main
 from cluster.comm import PRESETS, collectives, estimate
 from cluster.configio import load_model_config
 from cluster.plan import make_plan
+from tests.cluster.conftest import plan_json
 from trainer.model.counting import Example, param_counts
 
-
-def plan_json(capsys, *args: str) -> tuple[int, dict]:
-    code = main(["plan", *args, "--json"])
-    return code, json.loads(capsys.readouterr().out)
 
 
 def test_gpt3_175b_zero3_moves_about_a_terabyte_per_gpu_per_step(capsys, repo_root):
