@@ -79,8 +79,8 @@ def save(engine, root: Path, step: int, trainer_state: dict, config_yaml: str, k
         atomic_write(path / f"trainer-rank{rank}.json", json.dumps(trainer_state))
         if rank == 0:
             atomic_write(path / "config.yaml", config_yaml)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as e:
+        if not _disk_full(e, root):
             raise
         failure = e
     if _any_rank(failure is not None, engine.device):
@@ -122,6 +122,13 @@ def check_free_space(root: Path, tag: str, need: int, device="cpu") -> None:
         raise TrainError(f"not enough disk space under {root} to save {tag}: it needs about {_gb(need)}, "
                          f"{_gb(free)} is free. Free space, or lower checkpoint.keep_last, or point --run-dir at a "
                          "larger disk")
+
+
+def _disk_full(e: Exception, root: Path) -> bool:
+    """An OSError says ENOSPC; torch.save's writer reports it as a RuntimeError ("file write failed")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left" in str(e) or ("write failed" in str(e) and _free(root) < 64 * 2 ** 20)
 
 
 def _free(root: Path) -> int:
