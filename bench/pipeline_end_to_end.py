@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -122,7 +121,7 @@ class CpuMeter:
         if self.group is None:
             return sum(seen.values())
         deadline = time.monotonic() + 60  # Ray's daemons exit a moment after the CLI does
-        while (pids := (self.group / "cgroup.procs").read_text().split()) and time.monotonic() < deadline:
+        while (self.group / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
             time.sleep(0.1)
         self.kill_all()  # only processes this run started are in the group
         cpu = self.usage()
@@ -161,6 +160,8 @@ class RayCluster:
             raise SystemExit("the rayup variant needs a cgroup (root) to account the cluster's CPU")
         from ray.util import get_node_ip_address
 
+        from trainer.distributed import free_port
+
         port, client_port = free_port(), free_port()
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
@@ -194,11 +195,6 @@ class RayCluster:
             if self.address and current.read_text().strip() == self.address:
                 current.unlink()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 CLUSTER = RayCluster()
