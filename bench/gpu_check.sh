@@ -18,7 +18,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-CHECKS=${CHECKS:-gpt3-small-step trainer-gpt3-small trainer-tiny-switch switch-layer plan-accuracy eval-cuda eval-cpu}
+CHECKS=${CHECKS:-gpt3-small-step trainer-gpt3-small trainer-gpt3-small-compiled trainer-tiny-switch switch-layer plan-accuracy eval-cuda eval-cpu}
 step() {  # step NAME TIMEOUT COMMAND...: runs one check, logs it, goes on when it fails
   local name=$1 limit=$2; shift 2
   case " $CHECKS " in *" $name "*) ;; *) return 0 ;; esac
@@ -41,6 +41,13 @@ step trainer-gpt3-small 150 $PY -m cluster.cli train configs/train/gpt3-125m.yam
   --set train.batch_rampup_tokens=0 --set train.warmup_tokens=100000 --set checkpoint.interval=1000000 \
   --set logging.wandb_mode=disabled --set data.num_workers=4
 cp "$RUNS/gpt3-125m/metrics.jsonl" "$OUT/trainer-gpt3-small.metrics.jsonl" 2>/dev/null
+# 2b. The same with train.compile (regional torch.compile of each block): the MFU it buys on a GPU.
+step trainer-gpt3-small-compiled 240 $PY -m cluster.cli train configs/train/gpt3-125m.yaml \
+  --run-dir "$RUNS/gpt3-125m-compiled" --set train.compile=true \
+  --set data.path=runs/demo/data --set train.max_steps=30 --set train.global_batch_size=16 \
+  --set train.batch_rampup_tokens=0 --set train.warmup_tokens=100000 --set checkpoint.interval=1000000 \
+  --set logging.wandb_mode=disabled --set data.num_workers=4
+cp "$RUNS/gpt3-125m-compiled/metrics.jsonl" "$OUT/trainer-gpt3-small-compiled.metrics.jsonl" 2>/dev/null
 # 3. The tiny Switch through the trainer on the GPU (our MoE layer under DeepSpeed, bf16).
 step trainer-tiny-switch 90 $PY -m cluster.cli train configs/train/tiny-switch-cpu.yaml --run-dir "$RUNS/tiny-switch" \
   --set train.max_steps=40 --set train.precision=bf16 --set logging.wandb_mode=disabled

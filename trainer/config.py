@@ -229,6 +229,9 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0.0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     activation_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each residual block (regional compilation, as "
+                          "torchtitan); in a Switch block only the parts outside the router and experts, whose "
+                          "shapes depend on the routing. ZeRO 0-2. Costs a compile at start-up (docs/benchmarks.md)")
     loss_spike_factor: PositiveFloat = Field(2.0, description="a loss above factor x running mean counts as a spike")
     loss_spike_patience: PositiveInt = Field(3, description="consecutive spikes that trigger a rollback")
 
@@ -317,6 +320,9 @@ class RunConfig(Section):
         if p.zero_hpz_partition_size > 1 and p.zero_stage != 3:
             raise ValueError(f"parallel.zero_hpz_partition_size: {p.zero_hpz_partition_size} needs ZeRO-3 "
                              f"(parallel.zero_stage is {p.zero_stage}): it partitions ZeRO-3's weights a second time")
+        if t.compile and p.zero_stage == 3:
+            raise ValueError("train.compile: needs parallel.zero_stage 0-2 (it is 3): ZeRO-3 gathers and releases "
+                             "each module's weights in hooks that a compiled block would trace")
         if m.moe is None and p.ep_size != 1:
             raise ValueError(f"parallel.ep_size: {p.ep_size} needs a MoE model (model.moe is not set)")
         if t.global_batch_size % t.micro_batch_size:

@@ -157,6 +157,20 @@ def undo_skip_init_hooks() -> None:
 
 
 @contextlib.contextmanager
+def apply_compile(model: nn.Module) -> None:
+    """Regional torch.compile: each block is compiled on its own, so one compiled graph serves every layer
+    and the model file stays eager. Module.compile keeps parameter names (checkpoints, exports unchanged)."""
+    from trainer.model.moe import SwitchFFN
+
+    for block in model.blocks():
+        if not any(isinstance(m, SwitchFFN) for m in block.modules()):
+            block.compile()
+            continue
+        for child in block.children():  # routing's data-dependent shapes stay eager
+            if not any(isinstance(m, SwitchFFN) for m in child.modules()) and any(True for _ in child.parameters()):
+                child.compile()
+
+
 def skip_default_init() -> Iterator[None]:
     """torch.nn.init does nothing inside: a layer's default init would write every page of its whole
     weight before ZeRO-3 partitions it, and trainer.initialize overwrites the values anyway."""
@@ -188,6 +202,8 @@ def materialize(model: nn.Module, device: str) -> None:
 def build_engine(cfg: RunConfig, model: nn.Module, world: int, accum: int) -> Engine:
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        apply_compile(model)
     t = cfg.train
     # torch's fused AdamW: several times faster than the per-tensor loop on CPU, the same update.
     fused = get_accelerator().device_name() in ("cpu", "cuda")

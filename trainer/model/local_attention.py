@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 
 
-@functools.lru_cache(maxsize=16)
 def pair_mask(window: int, device: torch.device) -> torch.Tensor:
     """(window, 2 * window) bool: True where query i of a block may see key c of [previous block, own block].
     Key c sits window - c positions before the block's start, so i - window < c - window <= i."""
     i = torch.arange(window, device=device)[:, None]
     c = torch.arange(2 * window, device=device)[None, :]
     return (c > i) & (c <= i + window)
+
+
+cached_pair_mask = functools.lru_cache(maxsize=16)(pair_mask)
 
 
 def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, dropout_p: float = 0.0,
@@ -37,9 +39,11 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
                                            is_causal=True, scale=scale)
     if blocks == 1:
         return first[:, :, :T]
+    # Compiled, the mask is built in the graph: dynamo cannot trace through lru_cache.
+    mask = pair_mask(window, q.device) if torch.compiler.is_compiling() else cached_pair_mask(window, q.device)
     # Blocks 1.. as a batch of (window)-query, (2 * window)-key problems: 4-D keeps the fused kernels.
     keys, values = (torch.cat([t[:, :, :-1], t[:, :, 1:]], dim=3).flatten(1, 2) for t in (kb, vb))
     rest = F.scaled_dot_product_attention(qb[:, :, 1:].flatten(1, 2), keys, values,
-                                          attn_mask=pair_mask(window, q.device), dropout_p=dropout_p, scale=scale)
+                                          attn_mask=mask, dropout_p=dropout_p, scale=scale)
     out = torch.cat([first.unsqueeze(2), rest.unflatten(1, (H, blocks - 1))], dim=2)
     return out.flatten(2, 3)[:, :, :T]
