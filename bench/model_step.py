@@ -2,7 +2,11 @@
 
 (a) GPT training step (forward, backward, AdamW step), tokens/s: our GPT against Hugging Face
     GPT2LMHeadModel of the same shape and the same weights (fp32, dropout 0, same threads,
-    same optimizer, loss computed the same way), interleaved repeats after warm-up, median and best.
+    same optimizer, loss computed the same way), interleaved repeats after warm-up, median and best,
+    and the median of per-round ratios ("paired").
+(a') The same step for GPT-3 Small as configured (alternating dense / locally banded attention, window 256)
+    against Hugging Face GPTNeoForCausalLM, the same pattern, holding the same function
+    (trainer/model/hf_neo.py; the logits are compared first), at GPT-3's context 2048 by default.
 (b) Switch layer forward + backward: our SwitchFFN against deepspeed.moe.layer.MoE (top-1,
     capacity factor 1.25, no random token selection so both keep tokens in order, same expert
     MLP), and a dense FFN of one exp's shape on the same tokens (the FLOPs per token a top-1 layer does,
@@ -12,7 +16,8 @@
     case in a fresh process with glibc's mmap threshold fixed so freed buffers leave RSS at once
     (peak = VmHWM after the step minus RSS before it; /proc/self/clear_refs resets VmHWM).
 
-    python bench/model_step.py [--part gpt|moe|all] [--repeats N] [--threads N] [--default-malloc]
+    python bench/model_step.py [--part gpt|neo|moe|all] [--repeats N] [--threads N] [--default-malloc]
+    python bench/model_step.py --part neo [--neo-batch 1] [--neo-seq 2048]
     python bench/model_step.py --part moe --device cuda   # the Switch layer on a GPU (max_memory_allocated)
 """
 from __future__ import annotations
@@ -35,14 +40,17 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from cluster.configio import load_model_config  # noqa: E402
 from trainer.config import ModelConfig, MoEConfig  # noqa: E402
 from trainer.distributed import free_port  # noqa: E402
 from trainer.malloc import keep_freed_memory  # noqa: E402
 from trainer.model import GPT, SwitchFFN  # noqa: E402
 from trainer.model.hf import hf_config, load_hf_state_dict  # noqa: E402
 
+GPT3_SMALL = REPO / "configs/model/gpt3-125m.yaml"
 GPT_SHAPE = dict(n_layer=6, d_model=384, n_head=6, n_ctx=256, vocab_size=50257, dropout=0.0)
 BATCH, SEQ = 8, 256
+NEO_BATCH, NEO_SEQ = 1, 2048  # GPT-3's context: banded attention only pays at long T
 MOE_HIDDEN, MOE_FF, MOE_TOKENS, CAPACITY = 256, 1024, 2048, 1.25
 EXPERT_COUNTS = (8, 32, 128)
 
@@ -81,6 +89,31 @@ def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup
     return {name: Timing(statistics.median(t), min(t), t) for name, t in times.items()}
 
 
+def train_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """Forward, backward and AdamW step of `model` (the same optimizer settings for every model)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+    return step
+
+
+def token_batch(vocab_size: int, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.randint(0, vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    return data[:, :-1], data[:, 1:]
+
+
+def hf_steps(ours: GPT, hf: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], None]]:
+    def hf_loss() -> torch.Tensor:  # HF's `labels` would shift and drop a position; score all SEQ like ours
+        logits = hf(input_ids=x).logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+
+    return {"ours": train_step(ours, lambda: ours(x, targets=y).loss), "hf": train_step(hf, hf_loss)}
+
+
 def gpt_steps() -> dict[str, Callable[[], None]]:
     from transformers import GPT2LMHeadModel
 
@@ -89,36 +122,51 @@ def gpt_steps() -> dict[str, Callable[[], None]]:
     hf = GPT2LMHeadModel(hf_config(cfg))  # the default attention implementation (SDPA)
     ours = GPT(cfg)
     load_hf_state_dict(ours, hf.state_dict())
-    data = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1))
-    x, y = data[:, :-1], data[:, 1:]
+    return hf_steps(ours, hf, *token_batch(cfg.vocab_size, BATCH, SEQ))
 
-    def hf_loss() -> torch.Tensor:  # HF's `labels` would shift and drop a position; score all SEQ like ours
-        logits = hf(input_ids=x).logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
 
-    def make_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+def neo_steps(batch: int, seq: int) -> tuple[dict[str, Callable[[], None]], float]:
+    """GPT-3 Small as configured (alternating dense / banded attention) and GPTNeoForCausalLM holding the same
+    function (trainer/model/hf_neo.py); also the largest logit difference between the two on the timed batch."""
+    from transformers import GPTNeoForCausalLM
 
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            loss_fn().backward()
-            opt.step()
-        return step
+    from trainer.model import hf_neo
 
-    return {"ours": make_step(ours, lambda: ours(x, targets=y).loss), "hf": make_step(hf, hf_loss)}
+    cfg = load_model_config(GPT3_SMALL)
+    torch.manual_seed(0)
+    ours = GPT(cfg)
+    hf = GPTNeoForCausalLM(hf_neo.hf_config(cfg, eos_token_id=cfg.vocab_size - 1))  # eager: GPT-Neo's only CPU path
+    hf.load_state_dict(hf_neo.to_hf_state_dict(ours), strict=True)
+    x, y = token_batch(cfg.vocab_size, batch, seq)
+    with torch.no_grad():
+        ours.eval(), hf.eval()
+        logit_diff = (ours(x).logits - hf(input_ids=x).logits).abs().max().item()
+    return hf_steps(ours, hf, x, y), logit_diff
+
+
+def speed_rows(t: dict[str, Timing], tokens: int, ours_name: str, hf_name: str) -> list[str]:
+    tps = {name: tokens / timing.median for name, timing in t.items()}
+    rounds = [h / o for h, o in zip(t["hf"].samples, t["ours"].samples)]
+    return [
+        "| model | step median (s) | step best (s) | tokens/s (median) |", "|---|---|---|---|",
+        f"| {ours_name} | {t['ours'].median:.3f} | {t['ours'].best:.3f} | {tps['ours']:.0f} |",
+        f"| {hf_name} | {t['hf'].median:.3f} | {t['hf'].best:.3f} | {tps['hf']:.0f} |",
+        f"| **speed ratio ours/HF** | median {t['hf'].median / t['ours'].median:.2f} | "
+        f"best {t['hf'].best / t['ours'].best:.2f} | paired {paired_ratio(t['hf'], t['ours']):.2f} "
+        f"(rounds {min(rounds):.2f}-{max(rounds):.2f}) |",
+    ]
 
 
 def bench_gpt(repeats: int) -> list[str]:
-    t = interleaved_times(gpt_steps(), repeats)
-    tps = {name: BATCH * SEQ / timing.median for name, timing in t.items()}
-    return [
-        "| model | step median (s) | step best (s) | tokens/s (median) |", "|---|---|---|---|",
-        f"| ours (GPT, SDPA) | {t['ours'].median:.3f} | {t['ours'].best:.3f} | {tps['ours']:.0f} |",
-        f"| Hugging Face GPT2LMHeadModel | {t['hf'].median:.3f} | {t['hf'].best:.3f} | {tps['hf']:.0f} |",
-        f"| **speed ratio ours/HF** | median {t['hf'].median / t['ours'].median:.2f} | "
-        f"best {t['hf'].best / t['ours'].best:.2f} | |",
-    ]
+    return speed_rows(interleaved_times(gpt_steps(), repeats), BATCH * SEQ, "ours (GPT, SDPA)",
+                      "Hugging Face GPT2LMHeadModel")
+
+
+def bench_neo(repeats: int, batch: int, seq: int) -> list[str]:
+    steps, logit_diff = neo_steps(batch, seq)
+    rows = speed_rows(interleaved_times(steps, repeats), batch * seq, "ours (GPT-3 Small, alternating)",
+                      "Hugging Face GPTNeoForCausalLM (eager)")
+    return [f"same weights, max |logit difference| before training {logit_diff:.2e}", ""] + rows
 
 
 def init_single_process_group(device: str) -> None:
@@ -231,8 +279,10 @@ def bench_moe(repeats: int, threads: int, device: str = "cpu") -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["gpt", "moe", "all"], default="all")
+    parser.add_argument("--part", choices=["gpt", "neo", "moe", "all"], default="all")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--neo-batch", type=int, default=NEO_BATCH)
+    parser.add_argument("--neo-seq", type=int, default=NEO_SEQ)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the Switch layer part only")
     parser.add_argument("--default-malloc", action="store_true", help="time without trainer.malloc's setting")
@@ -254,6 +304,10 @@ def main() -> None:
         print(f"GPT training step: {GPT_SHAPE['n_layer']} layers, d_model {GPT_SHAPE['d_model']}, "
               f"{GPT_SHAPE['n_head']} heads, batch {BATCH} x seq {SEQ}, vocab {GPT_SHAPE['vocab_size']}, fp32, AdamW")
         print("\n".join(bench_gpt(args.repeats)) + "\n")
+    if args.part in ("neo", "all"):
+        print(f"GPT-3 Small training step ({GPT3_SMALL.name}: alternating dense / banded attention, window 256), "
+              f"batch {args.neo_batch} x seq {args.neo_seq}, fp32, AdamW")
+        print("\n".join(bench_neo(args.repeats, args.neo_batch, args.neo_seq)) + "\n")
     if args.part in ("moe", "all"):
         print(f"Switch layer forward+backward: top-1, capacity factor {CAPACITY}, hidden {MOE_HIDDEN}, "
               f"expert d_ff {MOE_FF}, {MOE_TOKENS} tokens")
