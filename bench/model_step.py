@@ -292,7 +292,9 @@ def weight_traffic_seconds(num_experts: int, t: dict[str, Timing], nbytes: int =
 
 
 def max_grad_difference(a: nn.Module, b: nn.Module) -> float:
-    return max((pa.grad - pb.grad).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
+    """Largest difference between the two layers' parameter gradients, relative to each gradient's largest entry."""
+    return max(((pa.grad - pb.grad).abs().max() / pb.grad.abs().max()).item()
+               for pa, pb in zip(a.parameters(), b.parameters()))
 
 
 def bench_moe(repeats: int, threads: int, device: str = "cpu", memory: bool = True,
@@ -307,7 +309,7 @@ def bench_moe(repeats: int, threads: int, device: str = "cpu", memory: bool = Tr
         header.append("weight traffic ms (2 reads + 1 write) | traffic / dense FFN")
     if baseline_rev:
         header.append(f"ours at {baseline_rev} {u} (median) | ours / ours at {baseline_rev} (paired, rounds) | "
-                      f"max gradient difference")
+                      f"max gradient difference (relative)")
     baseline = switch_at_revision(baseline_rev) if baseline_rev else None
     rows = ["| " + " | ".join(header) + " |", "|---" * (" | ".join(header).count("|") + 1) + "|"]
     for e in EXPERT_COUNTS:
