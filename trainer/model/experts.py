@@ -36,8 +36,8 @@ def _fused_gelu(x: torch.Tensor) -> bool:
 
 
 def _gelu_gate(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid(2u), so that gelu(x) = x * gate."""
-    return x.square().mul_(_GELU_K * _GELU_B).add_(_GELU_K).mul_(x).sigmoid_()
+    """sigmoid(2u), so that gelu(x) = x * gate; addcmul makes K + K B x^2 one pass over x, not three."""
+    return torch.addcmul(x.new_tensor(_GELU_K), x, x, value=_GELU_K * _GELU_B).mul_(x).sigmoid_()
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -49,16 +49,16 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
 def _gelu_backward_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """grad *= gelu'(x), in place; returns gelu(x), which the backward needs for w_proj's gradient.
 
-    gelu'(x) = s + x s (1 - s) 2u'(x) with s = sigmoid(2u), 2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    gelu'(x) = s + q (1 - s) = lerp(q, 1, s) with s = sigmoid(2u), q = x s 2u'(x),
+    2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2).
     """
     if _fused_gelu(x):
         torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="tanh", grad_input=grad)
         return F.gelu(x, approximate="tanh")
     gate = _gelu_gate(x)
     act = gate * x
-    q = x.square().mul_(3 * _GELU_K * _GELU_B).add_(_GELU_K).mul_(act)  # x s 2u'
-    q.addcmul_(q, gate, value=-1).add_(gate)  # q (1 - s) + s
-    grad.mul_(q)
+    q = torch.addcmul(x.new_tensor(_GELU_K), x, x, value=3 * _GELU_K * _GELU_B).mul_(act)
+    grad.mul_(q.lerp_(x.new_tensor(1.0), gate))
     return act
 
 
