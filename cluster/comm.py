@@ -35,7 +35,7 @@ experts wait for their tokens) are exposed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from math import ceil
+from math import floor
 from typing import Optional
 
 from trainer.config import ModelConfig
@@ -125,25 +125,30 @@ def moe_layer_tokens(cfg: ModelConfig, micro_batch: int, example: Example) -> li
     return out
 
 
-def _buckets(params: float, bucket_elements: int) -> int:
-    return max(1, ceil(params / bucket_elements))
+def _bucketed(kind: str, op: str, n: int, params: float, bucket: int, elem: int, calls: int, intra: bool,
+              overlapped: bool) -> list[Collective]:
+    """`params` sent as DeepSpeed fills its buckets, each sent before a gradient would overflow it: full
+    buckets, then the rest."""
+    full, rest = divmod(params, bucket)
+    return [Collective(kind, op, n, part * elem, calls, intra, overlapped, buckets)
+            for part, buckets in ((full * bucket, int(full)), (rest, 1)) if part > 0]
 
 
-def _zero3(params: float, n: int, intra: bool, accum: int, elem: int, cfg: ModelConfig, hpz: int,
+def _zero3(piece: float, n: int, intra: bool, accum: int, elem: int, cfg: ModelConfig, hpz: int,
            gpus_per_node: int) -> list[Collective]:
-    """One shard's ZeRO-3 gathers and reduce-scatters, at every micro-batch."""
+    """One piece's ZeRO-3 gathers and reduce-scatters, at every micro-batch. A fetch takes modules until the
+    prefetch bucket is full, the last one crossing it."""
     settings = zero_settings(cfg, 3)
-    fetches = _buckets(params, settings["stage3_prefetch_bucket_size"])
-    out = [Collective("zero3_forward_gather", "all_gather", n, params * elem, accum, intra, True, fetches)]
+    fetches = max(1, floor(piece / settings["stage3_prefetch_bucket_size"]))
+    out = [Collective("zero3_forward_gather", "all_gather", n, piece * elem, accum, intra, True, fetches)]
     # The engine lets two modules stay gathered (zero_settings); a model no bigger stays gathered from forward
     # to backward and DeepSpeed does not gather it again.
     if param_counts(cfg).total > 2 * zero3_layer_elements(cfg):
         group, inside = (hpz, hpz <= gpus_per_node) if hpz > 1 else (n, intra)
-        out.append(Collective("zero3_backward_gather", "all_gather", group, params * elem, accum, inside, True,
+        out.append(Collective("zero3_backward_gather", "all_gather", group, piece * elem, accum, inside, True,
                               fetches))
-    out.append(Collective("grad_reduce_scatter", "reduce_scatter", n, params * elem, accum, intra, True,
-                          _buckets(params, settings["reduce_bucket_size"])))
-    return out
+    return out + _bucketed("grad_reduce_scatter", "reduce_scatter", n, piece, settings["reduce_bucket_size"], elem,
+                           accum, intra, True)
 
 
 def collectives(cfg: ModelConfig, zero_stage: int, dp_size: int, ep_size: int, micro_batch: int, accum: int,
@@ -153,25 +158,27 @@ def collectives(cfg: ModelConfig, zero_stage: int, dp_size: int, ep_size: int, m
     w = _grad_bytes(precision)  # weights and gradients alike
     inside = lambda n: n <= gpus_per_node  # noqa: E731 - consecutive ranks of a group share a node while they fit
     edp = dp_size // ep_size  # ranks holding the same experts, strided by ep_size
-    edp_inside = dp_size <= gpus_per_node
-    # (params, group size, whether the group stays in a node, optimizer parameter groups): dense over all ranks
-    # (decayed matrices; embeddings, norms, biases), experts over their replicas (matrices; biases).
-    shards = [(counts.total - counts.expert, dp_size, inside(dp_size), 2),
-              (counts.expert / ep_size, edp, edp_inside, 2 if cfg.bias else 1)]
+    dense, expert = counts.total - counts.expert, counts.expert / ep_size
+    # (params, group size, whether the group stays in a node, pieces): dense weights over all ranks, experts over
+    # their replicas. A piece is (params, optimizer parameter groups): the embeddings (undecayed, with the norms and
+    # biases; ZeRO-3 fetches them on their own) and the blocks (decayed matrices); experts' matrices and biases.
+    shards = [(dense, dp_size, inside(dp_size), [(counts.embedding, 1), (dense - counts.embedding, 1)]),
+              (expert, edp, dp_size <= gpus_per_node, [(expert, 2 if cfg.bias else 1)])]
     # ZeRO-0 reduces in the engine's own 5e8-element buffers, ZeRO-1/2 in the trainer's reduce_bucket_size.
     reduce_bucket = zero_settings(cfg, zero_stage)["reduce_bucket_size"] if zero_stage else DEEPSPEED_BUCKET_ELEMENTS
     out = []
-    for params, n, intra, groups in shards:
+    for params, n, intra, pieces in shards:
         if params == 0:
             continue
         if zero_stage == 3:
-            out += _zero3(params, n, intra, accum, w, cfg, hpz, gpus_per_node)
+            for piece, _ in pieces:
+                out += _zero3(piece, n, intra, accum, w, cfg, hpz, gpus_per_node) if piece else []
             continue
         reductions = accum if zero_stage == 2 else 1
-        out.append(Collective("grad_reduce", "all_reduce", n, params * w, reductions, intra, False,
-                              _buckets(params, reduce_bucket)))
+        out += _bucketed("grad_reduce", "all_reduce", n, params, reduce_bucket, w, reductions, intra, False)
         if zero_stage > 0:
-            out.append(Collective("param_gather", "all_gather", n, params * w, 1, intra, False, groups))
+            out += [Collective("param_gather", "all_gather", n, piece * w, 1, intra, False, groups)
+                    for piece, groups in pieces if piece]
     if ep_size > 1:
         for tokens in moe_layer_tokens(cfg, micro_batch, example):
             slots = cfg.moe.capacity_factor * tokens * cfg.d_model * w
