@@ -1,6 +1,8 @@
-"""One process of bench/plan_accuracy.py --comm (started by torch.distributed.run): a gloo bandwidth
-microbenchmark, then real DeepSpeed steps whose collectives are timed by DeepSpeed's comms logger
-(ZeRO's) or by a timer around all_to_all_single (our expert layers'); rank 0 prints one JSON line."""
+"""One process of bench/plan_accuracy.py --comm (started by torch.distributed.run): real DeepSpeed steps
+whose collectives are recorded at DeepSpeed's backend object (ZeRO's) or at all_to_all_single (our expert
+layers'), then replayed timed, alternating with a microbenchmark of gloo's per-call latency and bandwidth
+per op (at the per-call sizes the planner models for the run) on the same processes; rank 0 prints one
+JSON line."""
 from __future__ import annotations
 
 import json
@@ -14,34 +16,88 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-BENCH_ELEMENTS = 4_000_000  # 16 MB: the size of the step's larger buckets and partitions
 SIZES = {"d_model": 256, "n_head": 4}  # ~14M parameters: 58 MB of fp32 gradients, so bandwidth dominates latency
+LATENCY_BYTES = 1 << 16  # calls up to this size are latency: they do not set the bandwidth
+ROUNDS = 7  # per repeat: microbenchmark and replay alternate, so both see the same load
+LATENCY_SAMPLES = 8  # tiny calls per round: every call of the step pays their latency
+MODEL_OP = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
+            "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}
 
 
-def _timed(fn, repeats: int = 5) -> float:
-    """Median seconds of `fn` over `repeats` calls, every rank starting together."""
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def _timed(fn) -> float:
+    """Seconds of one call, every rank starting together."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def link_bandwidth(elements: int, group=None) -> dict:
-    """Bytes per second through each rank's link for each op, from ring volumes: (n-1)/n of the buffer
-    (all-gather, reduce-scatter, all-to-all), 2(n-1)/n (all-reduce); and all-to-all's per-call latency."""
+def _fast(values: list[float]) -> float:
+    """The lower quartile: on a shared machine, other jobs that hold a rank off the CPU stretch some calls
+    several-fold; this is the call's time without them."""
+    return sorted(values)[len(values) // 4]
+
+
+def _collective(op: str, input_bytes: int, group=None):
+    """`op` on an fp32 input of `input_bytes`, as a call with its buffers allocated and touched up front:
+    DeepSpeed's flat buffers and a GPU's caching allocator do not pay page faults per call, a fresh tensor does."""
     n = dist.get_world_size(group)
-    flat, out, part = torch.ones(elements), torch.empty(elements * n), torch.empty(elements // n)
-    size, ring = elements * 4, (n - 1) / n
-    seconds = {"all_gather": _timed(lambda: dist.all_gather_into_tensor(out, flat, group=group)) / n,
-               "all_reduce": _timed(lambda: dist.all_reduce(flat, group=group)) / 2,
-               "reduce_scatter": _timed(lambda: dist.reduce_scatter_tensor(part, flat, group=group)),
-               "all_to_all": _timed(lambda: dist.all_to_all_single(torch.empty_like(flat), flat, group=group))}
-    out = {op: ring * size / s for op, s in seconds.items()}  # all-gather's buffer is n inputs: per input above
-    tiny = torch.ones(64 * n)
-    out["all_to_all_latency_s"] = _timed(lambda: dist.all_to_all_single(torch.empty_like(tiny), tiny, group=group), 9)
+    elements = input_bytes // 4
+    src = torch.ones(elements)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(src, group=group)
+    if op == "all_gather_into_tensor":
+        out = torch.zeros(elements * n)
+        return lambda: dist.all_gather_into_tensor(out, src, group=group)
+    if op == "reduce_scatter_tensor":
+        out = torch.zeros(elements // n)
+        return lambda: dist.reduce_scatter_tensor(out, src, group=group)
+    out = torch.zeros(elements)
+    return lambda: dist.all_to_all_single(out, src, group=group)
+
+
+def model_calls(run) -> dict[str, dict[int, int]]:
+    """Per op, {whole buffer bytes of one call: calls per step} as the planner models this run
+    (cluster.comm.collectives)."""
+    from cluster.comm import collectives
+    from trainer.model.counting import training_example
+
+    n, t, p = dist.get_world_size(), run.train, run.parallel
+    colls = collectives(run.model, p.zero_stage, n, p.ep_size, t.micro_batch_size, run.gradient_accumulation,
+                        training_example(run.model, train=t), t.precision, gpus_per_node=n)
+    out: dict[str, dict[int, int]] = {}
+    for c in colls:
+        if c.group_size == n:  # the bench's groups: every rank
+            per_call = int(c.buffer_bytes / c.buckets)
+            size = max(4 * n, per_call - per_call % (4 * n * n))  # n floats per rank
+            out.setdefault(c.op, {})[size] = out.get(c.op, {}).get(size, 0) + c.calls * c.buckets
+    return out
+
+
+def _bench_calls(calls: dict[str, dict[int, int]]) -> dict[tuple[str, int], tuple[object, int]]:
+    """(op, whole buffer bytes) -> (a call on every rank, times per round): a tiny one for the latency, then the
+    model's sizes as often as the model makes them, so both sides take each size's quartile over as many calls."""
+    n = dist.get_world_size()
+    out = {}
+    for op, name in MODEL_OP.items():
+        for buffer, count in {4 * n: LATENCY_SAMPLES, **calls.get(name, {})}.items():
+            out[(op, buffer)] = (_collective(op, buffer // n if op == "all_gather_into_tensor" else buffer), count)
+    return out
+
+
+def alpha_beta(seconds: dict[tuple[str, int], float]) -> dict[str, list[float]]:
+    """Per op of the run: [latency s, bytes/s] of `alpha + ring bytes / beta`. Alpha is the tiny call's time;
+    beta fits the model's sizes over LATENCY_BYTES by least squares on seconds, so the large calls that take the
+    step's time weigh most."""
+    n = dist.get_world_size()
+    out = {}
+    for op, name in MODEL_OP.items():
+        alpha = seconds[(op, 4 * n)]
+        ring = (n - 1) / n * (2 if name == "all_reduce" else 1)
+        points = [(ring * b, t) for (o, b), t in seconds.items() if o == op and b > LATENCY_BYTES]
+        if points:
+            excess = sum(x * (t - alpha) for x, t in points)
+            out[name] = [alpha, sum(x * x for x, _ in points) / excess if excess > 0 else float("inf")]
     return out
 
 
@@ -56,9 +112,6 @@ def _run(overrides: list[str]):
     run = load_run_config(REPO / overrides[0], sets + overrides[1:])
     run.train.global_batch_size = 2 * world * run.train.micro_batch_size  # two micro-batches per step
     return run.for_world(world)
-
-
-OPS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
 
 
 def _input(op: str, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -80,7 +133,7 @@ def record_collectives(run) -> list[tuple]:
     engine = build_engine(run, build_model(run, world, accum), world, accum)
     calls, phase = [], {"now": None}
     # DeepSpeed's backend object (every ZeRO collective passes it once), and torch's for our all-to-all.
-    targets = [(ds_comm.cdb, op) for op in OPS[:3]] + [(dist, "all_to_all_single")]
+    targets = [(ds_comm.cdb, op) for op in list(MODEL_OP)[:3]] + [(dist, "all_to_all_single")]
     originals = {(mod, op): getattr(mod, op) for mod, op in targets}
 
     def recorder(original, op):
@@ -113,35 +166,37 @@ def record_collectives(run) -> list[tuple]:
     return calls
 
 
-def replay(calls: list[tuple]) -> dict:
-    """Seconds of each (phase, op): the same collectives, same sizes and groups, issued synchronously."""
-    n = dist.get_world_size()
-    seconds: dict[str, float] = {}
-    volume: dict[str, int] = {}
-    for phase, op, size, group in calls:
-        elements = size // 4
-        size_n = dist.get_world_size(group)
-        buf = torch.ones(elements)
-        key = f"{phase}:{op}"
-        dist.barrier()
-        start = time.perf_counter()
-        if op == "all_reduce":
-            dist.all_reduce(buf, group=group)
-        elif op == "all_gather_into_tensor":
-            dist.all_gather_into_tensor(torch.empty(elements * size_n), buf, group=group)
-        elif op == "reduce_scatter_tensor":
-            dist.reduce_scatter_tensor(torch.empty(elements // size_n), buf, group=group)
-        else:
-            dist.all_to_all_single(torch.empty_like(buf), buf, group=group)
-        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
-        volume[key] = volume.get(key, 0) + size
-    return {"seconds": seconds, "input_bytes": volume, "world": n}
-
-
 def measure(overrides: list[str], repeats: int) -> list[dict]:
-    """Each repeat: the bandwidths, then the replay right after, so both see the same load."""
-    calls = record_collectives(_run(overrides))
-    return [{"bandwidth": link_bandwidth(BENCH_ELEMENTS), **replay(calls)} for _ in range(repeats)]
+    """Each repeat: ROUNDS of (the microbenchmark, one replay of the recorded step), then each call's lower
+    quartile, on both sides alike. The replay issues the same collectives, same sizes and groups,
+    synchronously, on buffers made once."""
+    run = _run(overrides)
+    calls = record_collectives(run)
+    made: dict[tuple, object] = {}
+    step = [(f"{phase}:{op}", made.setdefault((op, size, group), _collective(op, size, group)))
+            for phase, op, size, group in calls]
+    bench = _bench_calls(model_calls(run))
+    volume: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for phase, op, size, _ in calls:
+        volume[f"{phase}:{op}"] = volume.get(f"{phase}:{op}", 0) + size
+        counts[f"{phase}:{op}"] = counts.get(f"{phase}:{op}", 0) + 1
+    out = []
+    for _ in range(repeats):
+        bench_times: dict[tuple, list[float]] = {}
+        replays: list[list[float]] = [[] for _ in step]
+        for _ in range(ROUNDS):
+            for key, (fn, count) in bench.items():
+                bench_times.setdefault(key, []).extend(_timed(fn) for _ in range(count))
+            for (_, fn), times in zip(step, replays):
+                times.append(_timed(fn))
+        seconds: dict[str, float] = {}
+        for (key, _), times in zip(step, replays):
+            seconds[key] = seconds.get(key, 0.0) + _fast(times)
+        fits = alpha_beta({key: _fast(ts) for key, ts in bench_times.items()})
+        out.append({"alpha_beta": fits, "seconds": seconds, "input_bytes": volume, "calls": counts,
+                    "world": dist.get_world_size()})
+    return out
 
 
 def main() -> None:
@@ -152,7 +207,7 @@ def main() -> None:
     result = {"world": n, "zero": {}}
     for stage in (1, 2, 3):
         result["zero"][stage] = measure(["configs/train/tiny-gpt-cpu.yaml", f"parallel.zero_stage={stage}"], repeats)
-    # Longer sequences so each all-to-all carries a few MB: the check is of volumes, not of gloo's latency.
+    # Longer sequences so each all-to-all carries over a MB: bandwidth counts, not only gloo's latency.
     result["all_to_all"] = measure(["configs/train/tiny-switch-cpu.yaml", "parallel.zero_stage=1",
                                     f"parallel.ep_size={n}"] + A2A_SETS, repeats)
     if dist.get_rank() == 0:

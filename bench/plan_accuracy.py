@@ -12,8 +12,10 @@ outside the tolerance.
 
 With --comm it checks the communication model instead (cluster/comm.py): for 2 and 4 gloo processes,
 bench/comm_accuracy_child.py records every collective of a real ZeRO-1, 2 and 3 step and of a tiny-switch
-step with expert parallelism, replays them timed, and measures gloo's bandwidth per op on the same
-processes; the planner's volumes over those bandwidths are the prediction.
+step with expert parallelism, replays them timed, and measures gloo's per-call latency and bandwidth per
+op on the same processes, alternating with the replays; the planner's calls and volumes at those figures
+(alpha-beta) are the prediction. Gloo's bandwidth changes with the message size, so it is measured at the
+per-call sizes the planner models for each run.
 
     python bench/plan_accuracy.py --comm [--nproc 2 4] [--repeats 3] [--json] [--tolerance 0.25]
 """
@@ -179,17 +181,19 @@ def compare(config: str, device: str, engine_kind: str) -> dict:
             "achieved_mfu": est["flops_per_step"] / median / est["peak_flops"], "threads": measured["threads"]}
 
 
-# Which recorded phase:op is which of the planner's kinds (cluster.comm.Collective.kind).
+# Which recorded phase:op is which of the planner's kinds (cluster.comm.Collective.kind). Not modelled: the
+# step's gradient-norm and overflow all-reduces (a few bytes) and ZeRO-3's gathers of its persistent small
+# parameters after the step (one call each, a few KB).
 MEASURED_KIND = {"backward:all_reduce": "grad_reduce", "step:all_gather_into_tensor": "param_gather",
                  "forward:all_gather_into_tensor": "zero3_forward_gather",
                  "backward:all_gather_into_tensor": "zero3_backward_gather",
                  "backward:reduce_scatter_tensor": "grad_reduce_scatter",
                  "forward:all_to_all_single": "all_to_all", "backward:all_to_all_single": "all_to_all"}
-SMALL_BYTES = 1 << 20  # overflow and norm all-reduces, ZeRO-3's persistent small weights: latency, not modelled
 
 
-def predict_comm(overrides: list[str], world: int, bandwidth: dict) -> dict[str, float]:
-    """The planner's collectives for the run the child trained, timed at the measured per-op bandwidths."""
+def predict_comm(overrides: list[str], world: int, alpha_beta: dict) -> dict[str, tuple[float, int]]:
+    """(seconds, calls) by kind: the planner's collectives for the run the child trained, at gloo's measured
+    per-call latency and bandwidth of each op."""
     from cluster.comm import collectives
     from cluster.configio import load_run_config
     from trainer.model.counting import training_example
@@ -201,20 +205,23 @@ def predict_comm(overrides: list[str], world: int, bandwidth: dict) -> dict[str,
     t, p = run.train, run.parallel
     colls = collectives(run.model, p.zero_stage, world, p.ep_size, t.micro_batch_size, 2,
                         training_example(run.model, train=t), t.precision, gpus_per_node=world)
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, int]] = {}
     for c in colls:
-        seconds = c.bytes_per_gpu() / bandwidth[c.op]
-        if c.op == "all_to_all":  # gloo's per-call cost, for each of the modelled calls
-            seconds += c.calls * bandwidth["all_to_all_latency_s"]
-        out[c.kind] = out.get(c.kind, 0.0) + seconds
+        if c.group_size > 1:
+            seconds, calls = out.get(c.kind, (0.0, 0))
+            out[c.kind] = (seconds + c.seconds(*alpha_beta[c.op]), calls + c.calls * c.buckets)
     return out
 
 
-def measured_comm(repeat: dict) -> dict[str, float]:
-    out: dict[str, float] = {}
+def measured_comm(repeat: dict, zero_stage: int) -> dict[str, tuple[float, int]]:
+    """(seconds, calls) by kind of the replayed step."""
+    out: dict[str, tuple[float, int]] = {}
     for key, seconds in repeat["seconds"].items():
-        if key in MEASURED_KIND and repeat["input_bytes"][key] > SMALL_BYTES:
-            out[MEASURED_KIND[key]] = out.get(MEASURED_KIND[key], 0.0) + seconds
+        kind = MEASURED_KIND.get(key)
+        if kind is None or (zero_stage == 3 and key.startswith("step:")):
+            continue
+        total, calls = out.get(kind, (0.0, 0))
+        out[kind] = (total + seconds, calls + repeat["calls"][key])
     return out
 
 
@@ -236,19 +243,22 @@ def compare_comm(nprocs: list[int], repeats: int) -> list[dict]:
         result = json.loads(found.group(1))
         from comm_accuracy_child import A2A_SETS
 
-        runs = {f"ZeRO-{z}": (["configs/train/tiny-gpt-cpu.yaml", f"parallel.zero_stage={z}"], result["zero"][z])
-                for z in ("1", "2", "3")}
+        runs = {f"ZeRO-{z}": (["configs/train/tiny-gpt-cpu.yaml", f"parallel.zero_stage={z}"], int(z),
+                              result["zero"][z]) for z in ("1", "2", "3")}
         runs["expert all-to-all"] = (["configs/train/tiny-switch-cpu.yaml", "parallel.zero_stage=1",
-                                      f"parallel.ep_size={n}"] + A2A_SETS, result["all_to_all"])
-        for name, (overrides, reps) in runs.items():
+                                      f"parallel.ep_size={n}"] + A2A_SETS, 1, result["all_to_all"])
+        for name, (overrides, stage, reps) in runs.items():
             for r in reps:
-                predicted = predict_comm(overrides, n, r["bandwidth"])
-                measured = measured_comm(r)
+                predicted = predict_comm(overrides, n, r["alpha_beta"])
+                measured = measured_comm(r, stage)
                 for kind in sorted(set(predicted) | set(measured)):
                     if name == "expert all-to-all" and kind != "all_to_all":
                         continue  # that run's ZeRO-1 traffic is the ZeRO-1 row's
-                    rows.append({"run": name, "nproc": n, "kind": kind, "predicted_s": predicted.get(kind, 0.0),
-                                 "measured_s": measured.get(kind, 0.0), "bandwidth": r["bandwidth"]})
+                    pred_s, pred_calls = predicted.get(kind, (0.0, 0))
+                    meas_s, meas_calls = measured.get(kind, (0.0, 0))
+                    rows.append({"run": name, "nproc": n, "kind": kind, "predicted_s": pred_s, "measured_s": meas_s,
+                                 "predicted_calls": pred_calls, "measured_calls": meas_calls,
+                                 "alpha_beta": r["alpha_beta"]})
     return rows
 
 
@@ -256,12 +266,22 @@ def print_comm(rows: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["run"], r["nproc"], r["kind"]), []).append(r)
-    print(f"{'run':18} {'nproc':>5} {'kind':22} {'predicted s':>12} {'measured s':>11} {'ratio (each repeat)':>24}")
+    print(f"{'run':18} {'nproc':>5} {'kind':22} {'calls':>7} {'predicted s':>12} {'measured s':>11} "
+          f"{'ratio (each repeat)':>24}")
     for (run, n, kind), rs in groups.items():
         ratios = " ".join(f"{r['predicted_s'] / r['measured_s']:.2f}" if r["measured_s"] else "-" for r in rs)
         pred = sorted(r["predicted_s"] for r in rs)[len(rs) // 2]
         meas = sorted(r["measured_s"] for r in rs)[len(rs) // 2]
-        print(f"{run:18} {n:5d} {kind:22} {pred:12.3f} {meas:11.3f} {ratios:>24}")
+        calls = f"{rs[0]['predicted_calls']}/{rs[0]['measured_calls']}"  # the model's / DeepSpeed's
+        print(f"{run:18} {n:5d} {kind:22} {calls:>7} {pred:12.3f} {meas:11.3f} {ratios:>24}")
+    for n in sorted({r["nproc"] for r in rows}):
+        fits = list({id(r["alpha_beta"]): r["alpha_beta"] for r in rows if r["nproc"] == n}.values())
+        spans = []
+        for op in sorted({op for f in fits for op in f}):
+            alphas = sorted(f[op][0] * 1e3 for f in fits if op in f)
+            betas = sorted(f[op][1] / 1e6 for f in fits if op in f)
+            spans.append(f"{op} {alphas[0]:.2f}-{alphas[-1]:.2f} ms + {betas[0]:.0f}-{betas[-1]:.0f} MB/s")
+        print(f"gloo at {n} processes, per-call latency + bandwidth over the repeats: " + "; ".join(spans))
 
 
 def main() -> int:
@@ -275,7 +295,8 @@ def main() -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--comm", action="store_true", help="check the communication model over gloo instead")
     parser.add_argument("--nproc", type=int, nargs="+", default=[2, 4], help="--comm: process counts")
-    parser.add_argument("--repeats", type=int, default=3, help="--comm: replays per run")
+    parser.add_argument("--repeats", type=int, default=3, help="--comm: repeats per run, each call's lower "
+                        "quartile over 7 rounds of microbenchmark and replay")
     args = parser.parse_args()
     if args.comm:
         rows = compare_comm(args.nproc, args.repeats)

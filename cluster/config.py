@@ -150,6 +150,10 @@ class ClusterConfig(Section):
                                                  "default: the preset's")
     ib_gbps: Optional[PositiveFloat] = Field(None, description="GB/s per GPU, one direction, between nodes "
                                              "(InfiniBand); default: the preset's")
+    nvlink_latency_us: Optional[PositiveFloat] = Field(None, description="microseconds per collective call inside "
+                                                       "a node; default: the preset's")
+    ib_latency_us: Optional[PositiveFloat] = Field(None, description="microseconds per collective call spanning "
+                                                   "nodes; default: the preset's")
     comm_overlap: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of compute time that overlappable "
                                 "communication (ZeRO-3's prefetched gathers and reduce-scatters) can hide behind")
     cpus_per_node: PositiveInt = Field(8, description="CPU cores requested per node (SLURM, KubeRay pods)")
@@ -176,6 +180,7 @@ class ClusterConfig(Section):
 
         name = overrides.pop("hardware", None) or self.hardware
         keys = {"gpu_tflops": self.gpu_tflops, "nvlink_gbps": self.nvlink_gbps, "ib_gbps": self.ib_gbps,
+                "nvlink_latency_us": self.nvlink_latency_us, "ib_latency_us": self.ib_latency_us,
                 "gpus_per_node": self.gpus_per_node or None, "gpu_memory_gb": self.gpu_memory_gb}
         keys.update({k: v for k, v in overrides.items() if v is not None})
         return hardware(name, **keys)

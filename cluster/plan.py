@@ -28,7 +28,7 @@ GB = 1e9
 # Kept free on every GPU for the CUDA context, allocator fragmentation and NCCL: plans fill 90%.
 RESERVED_FRACTION = 0.10
 # Step times within this fraction, or these seconds, of the fastest count as a tie, which goes to the simpler
-# layout: the model leaves out per-collective latency, so differences of milliseconds are below its resolution.
+# layout: assumed MFU and per-call latencies make differences of milliseconds below the model's resolution.
 TIE_FRACTION = 0.01
 TIE_SECONDS = 0.01
 # GPT-3 Table 2.1 batch sizes (tokens) by total parameters, used when the config has no train section.
@@ -100,6 +100,7 @@ class Plan:
     comm_time_s: float = 0.0
     comm_s_by_kind: dict[str, float] = field(default_factory=dict)
     comm_bytes_per_gpu_by_kind: dict[str, float] = field(default_factory=dict)
+    comm_calls_by_kind: dict[str, int] = field(default_factory=dict)  # collective calls per step
     bound: str = ""  # "compute" or "communication": which takes longer per step
     layouts_fitting: int = 0
     tokens_per_s: float = 0.0
@@ -331,6 +332,7 @@ def make_plan(cfg: ModelConfig, gpus: int, gpu_memory_gb: float, *, seq_len: Opt
     plan.feasible, plan.layout, plan.memory, plan.flops_per_step = True, layout, memory, flops
     plan.step_time_s, plan.compute_time_s, plan.comm_time_s = est.step_s, est.compute_s, est.comm_s
     plan.bound, plan.comm_s_by_kind, plan.comm_bytes_per_gpu_by_kind = est.bound, est.seconds, est.bytes_per_gpu
+    plan.comm_calls_by_kind = est.calls
     plan.tokens_per_s = batch * ex.raw_tokens / plan.step_time_s
     plan.layouts_fitting = len(fitting)
     plan.reason = _why_chosen(cfg, layout, fitting, ex, precision, plan.budget_bytes)

@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-node", type=int, help="GPUs sharing NVLink (default: cluster.gpus_per_node, else 8)")
     p.add_argument("--nvlink-gbps", type=float, help="GB/s per GPU inside a node (cluster.nvlink_gbps)")
     p.add_argument("--ib-gbps", type=float, help="GB/s per GPU between nodes (cluster.ib_gbps)")
+    p.add_argument("--nvlink-latency-us", type=float, help="microseconds per collective call inside a node "
+                                                             "(cluster.nvlink_latency_us)")
+    p.add_argument("--ib-latency-us", type=float, help="microseconds per collective call spanning nodes "
+                                                         "(cluster.ib_latency_us)")
     p.add_argument("--comm-overlap", type=float, help="fraction of compute time that ZeRO-3's prefetched "
                                                         "communication hides behind (cluster.comm_overlap, 1.0)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -49,7 +53,8 @@ def plan_from_args(args: argparse.Namespace):
     train, cluster = (run.train, run.cluster) if run else (None, ClusterConfig())
     try:
         hw = cluster.plan_hardware(hardware=args.hardware, gpu_tflops=args.gpu_tflops, nvlink_gbps=args.nvlink_gbps,
-                                   ib_gbps=args.ib_gbps, gpus_per_node=args.gpus_per_node,
+                                   ib_gbps=args.ib_gbps, nvlink_latency_us=args.nvlink_latency_us,
+                                   ib_latency_us=args.ib_latency_us, gpus_per_node=args.gpus_per_node,
                                    gpu_memory_gb=args.gpu_memory_gb)
     except ValueError as e:  # an unknown preset or a figure <= 0, named
         raise ClusterError(f"--{str(e).replace('_', '-')}") from None
@@ -98,9 +103,11 @@ def _time_lines(plan) -> list[str]:
              f"MFU {plan.assumed_mfu:g} of {plan.gpu_tflops:g} TFLOP/s per GPU)"]
     for kind, seconds in plan.comm_s_by_kind.items():
         lines.append(f"    {kind.replace('_', ' '):24} {seconds:10.2f} s  "
-                     f"({plan.comm_bytes_per_gpu_by_kind[kind] / 1e9:,.1f} GB per GPU)")
+                     f"({plan.comm_bytes_per_gpu_by_kind[kind] / 1e9:,.1f} GB per GPU in "
+                     f"{plan.comm_calls_by_kind[kind]:,} calls)")
     lines.append(f"    communication            {plan.comm_time_s:10.2f} s  ({hw.name}: {hw.gpus_per_node} GPUs per node, "
-                 f"NVLink {hw.nvlink_gbps:g} GB/s, InfiniBand {hw.ib_gbps:g} GB/s per GPU; ZeRO-3's prefetched "
+                 f"NVLink {hw.nvlink_gbps:g} GB/s and {hw.nvlink_latency_us:g} us per call, InfiniBand "
+                 f"{hw.ib_gbps:g} GB/s per GPU and {hw.ib_latency_us:g} us per call; ZeRO-3's prefetched "
                  f"collectives hide behind {plan.comm_overlap:.0%} of compute, the rest add)")
     return lines
 
