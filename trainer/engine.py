@@ -156,12 +156,9 @@ def undo_skip_init_hooks() -> None:
             del cls._old_apply_of_skip_init_hook
 
 
-@contextlib.contextmanager
 def apply_compile(model: nn.Module) -> None:
     """Regional torch.compile: each block is compiled on its own, so one compiled graph serves every layer
     and the model file stays eager. Module.compile keeps parameter names (checkpoints, exports unchanged)."""
-    from trainer.model.moe import SwitchFFN
-
     for block in model.blocks():
         if not any(isinstance(m, SwitchFFN) for m in block.modules()):
             block.compile()
@@ -171,6 +168,7 @@ def apply_compile(model: nn.Module) -> None:
                 child.compile()
 
 
+@contextlib.contextmanager
 def skip_default_init() -> Iterator[None]:
     """torch.nn.init does nothing inside: a layer's default init would write every page of its whole
     weight before ZeRO-3 partitions it, and trainer.initialize overwrites the values anyway."""
