@@ -27,6 +27,7 @@ from trainer.config import RunConfig
 from trainer.distributed import expert_parallel_group
 from trainer.expert_parallel import apply_expert_parallel, is_expert
 from trainer.initialize import initialize
+from trainer.model.experts import SwitchExperts
 from trainer.model.moe import SwitchFFN
 from trainer.zero_memory import zero_settings
 
@@ -108,6 +109,9 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward: memory for compute, no change to the model file."""
     for block in model.blocks():
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        for m in block.modules():
+            if isinstance(m, SwitchExperts):
+                m.recompute = True
 
 
 def build_model(cfg: RunConfig, world: int, accum: int) -> nn.Module:

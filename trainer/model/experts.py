@@ -97,11 +97,14 @@ class ExpertMLP(torch.autograd.Function):
     kept count, so padding costs no FLOPs while small experts still share a batched matmul.
 
     A Function for memory's sake: it saves only each group's gathered input and pre-activation (the
-    activation is recomputed), and its backward uses grad_out's rows as scratch.
+    activation is recomputed), and its backward uses grad_out's rows as scratch. It keeps them on ctx
+    and frees each group's as its gradients are written (so no retain_graph); under activation
+    checkpointing (`recompute`) it saves them through save_for_backward, which checkpointing releases
+    after forward and recomputes, but which autograd keeps until the whole backward ends.
     """
 
     @staticmethod
-    def forward(ctx, source, index, rows, w_fc, b_fc, w_proj, b_proj, activation="gelu"):
+    def forward(ctx, source, index, rows, w_fc, b_fc, w_proj, b_proj, activation="gelu", recompute=False):
         ep, local, d_out = len(rows), w_fc.shape[0], w_proj.shape[1]
         ctx.activation = activation
         index = index.view(ep, local, -1)
@@ -116,14 +119,18 @@ class ExpertMLP(torch.autograd.Function):
                 out[r, experts, :k] = _affine(_activation(pre, activation), w_proj[experts].transpose(1, 2),
                                               _rows(b_proj, experts))
                 activations += [rows_in, pre]
-        # Through save_for_backward, so activation checkpointing can drop them and recompute.
-        ctx.save_for_backward(index, w_fc, b_fc, w_proj, b_proj, *activations)
+        ctx.save_for_backward(index, w_fc, b_fc, w_proj, b_proj, *(activations if recompute else []))
+        ctx.recompute, ctx.activations = recompute, None if recompute else activations
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         index, w_fc, b_fc, w_proj, b_proj, *activations = ctx.saved_tensors
+        if not ctx.recompute:
+            if ctx.activations is None:
+                raise RuntimeError("ExpertMLP frees its activations in backward: retain_graph is not supported")
+            activations, ctx.activations = ctx.activations, None
         grad_out = grad_out.contiguous()
         grad_source = grad_out.new_zeros(ctx.source_shape)
         # An expert's first group writes its weight gradients (out=), later groups add, experts without tokens get 0.
@@ -133,6 +140,7 @@ class ExpertMLP(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             for i, (r, experts, k) in enumerate(ctx.groups):
                 rows_in, pre = activations[2 * i], activations[2 * i + 1]
+                activations[2 * i] = activations[2 * i + 1] = None  # on ctx: freed once used below
                 g = grad_out[r, experts, :k]
                 first = not written[experts].any()
                 written[experts] = True
@@ -144,6 +152,7 @@ class ExpertMLP(torch.autograd.Function):
                 if grads["b_proj"] is not None:
                     _sum_into(grads["b_proj"][experts], g, first)
                 _bmm_into(grads["w_fc"][experts], rows_in.transpose(1, 2), grad_pre, first)
+                del rows_in, pre
                 if grads["b_fc"] is not None:
                     _sum_into(grads["b_fc"][experts], grad_pre, first)
                 torch.bmm(grad_pre, w_fc[experts].transpose(1, 2), out=g)  # g is used up: its rows are scratch
@@ -152,7 +161,7 @@ class ExpertMLP(torch.autograd.Function):
                 for grad in grads.values():
                     if grad is not None:
                         grad[j].zero_()
-        return grad_source, None, None, grads["w_fc"], grads["b_fc"], grads["w_proj"], grads["b_proj"], None
+        return grad_source, None, None, grads["w_fc"], grads["b_fc"], grads["w_proj"], grads["b_proj"], None, None
 
     @staticmethod
     def groups(rows: list[list[int]], capacity: int, device: str = "cpu") -> list[tuple[int, slice, int]]:
@@ -178,6 +187,7 @@ class SwitchExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, d_ff: int, bias: bool = True, activation: str = "gelu"):
         super().__init__()
         self.activation = activation
+        self.recompute = False  # set by activation checkpointing (trainer.engine): how ExpertMLP saves activations
         self.w_fc = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.b_fc = nn.Parameter(torch.empty(num_experts, 1, d_ff)) if bias else None
@@ -190,7 +200,7 @@ class SwitchExperts(nn.Module):
     def forward(self, source: torch.Tensor, index: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
         """Slot [r, e, c] computes row index[r, e, c] of source [m, d]; rows[r][e] leading slots are kept."""
         source, *params = in_compute_dtype(self.w_fc, self.b_fc, self.w_proj, self.b_proj, like=source)
-        return ExpertMLP.apply(source, index, rows, *params, self.activation)
+        return ExpertMLP.apply(source, index, rows, *params, self.activation, self.recompute)
 
 
 def in_compute_dtype(*params: Optional[torch.Tensor], like: torch.Tensor) -> list[Optional[torch.Tensor]]:
