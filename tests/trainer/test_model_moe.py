@@ -273,7 +273,8 @@ def test_expert_parallel_matches_single_process():
 @pytest.mark.parametrize("group_rows", [1, 8, 512])  # one expert per group, two, all of them
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
-def test_expert_mlp_matches_plain_autograd(bias, group_rows, activation, monkeypatch):
+@pytest.mark.parametrize("recompute", [False, True])  # activations on ctx, or saved for checkpointing
+def test_expert_mlp_matches_plain_autograd(bias, group_rows, activation, recompute, monkeypatch):
     from trainer.model.experts import ExpertMLP
 
     monkeypatch.setattr(ExpertMLP, "GROUP_ROWS", {"cpu": group_rows})
@@ -291,7 +292,7 @@ def test_expert_mlp_matches_plain_autograd(bias, group_rows, activation, monkeyp
     # SwitchFFN never reads a padding slot's output with a non-zero weight, so their gradient is 0.
     grad_out = torch.randn(ep, local, capacity, d, dtype=torch.float64) * kept
 
-    out = ExpertMLP.apply(source, index, rows, w_fc, b_fc, w_proj, b_proj, activation)
+    out = ExpertMLP.apply(source, index, rows, w_fc, b_fc, w_proj, b_proj, activation, recompute)
     out.backward(grad_out.clone())  # ExpertMLP uses the gradient it is given as scratch
     ours = [None if t is None else t.grad for t in inputs]
     for t in inputs:
@@ -307,6 +308,11 @@ def test_expert_mlp_matches_plain_autograd(bias, group_rows, activation, monkeyp
         if t is not None:
             torch.testing.assert_close(mine, t.grad)
     assert ours[1][2].abs().max() == 0 and ours[3][2].abs().max() == 0
+    if not recompute:  # each group's activations were freed in backward: a second backward is refused
+        with pytest.raises(RuntimeError, match="retain_graph"):
+            out = ExpertMLP.apply(source, index, rows, w_fc, b_fc, w_proj, b_proj, activation, recompute)
+            out.backward(grad_out.clone(), retain_graph=True)
+            out.backward(grad_out.clone())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
