@@ -14,6 +14,7 @@ from tests.trainer.conftest import REPO
 from trainer.config import ModelConfig, MoEConfig
 from trainer.engine import apply_activation_checkpointing
 from trainer.model import GPT
+from trainer.model.experts import SwitchExperts
 
 CFG = dict(n_layer=8, n_head=4, d_model=256, n_ctx=512, vocab_size=1000, moe=dict(num_experts=8))
 BATCH, SEQ = 8, 512
@@ -25,6 +26,8 @@ def gradients(checkpointing: bool) -> tuple[float, dict[str, torch.Tensor]]:
                             moe=MoEConfig(num_experts=4, jitter=0.1)))
     if checkpointing:
         apply_activation_checkpointing(model)
+        # The experts then save through save_for_backward, which checkpointing releases and recomputes.
+        assert [m.recompute for m in model.modules() if isinstance(m, SwitchExperts)] == [True, True]
     torch.manual_seed(1)  # the router's jitter: checkpointing replays the same noise in the recomputation
     idx = torch.randint(0, 500, (4, 128))
     out = model(idx, idx)
