@@ -196,7 +196,6 @@ class RayCluster:
                 current.unlink()
 
 
-
 CLUSTER = RayCluster()
 
 

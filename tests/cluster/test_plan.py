@@ -13,7 +13,6 @@ from cluster.plan import GB, Layout, estimate_memory, make_plan
 from tests.cluster.conftest import plan_json
 
 
-
 def test_gpt3_175b_on_1024_gpus_is_feasible(capsys, repo_root):
     code, plan = plan_json(capsys, str(repo_root / "configs/model/gpt3-175b.yaml"), "--gpus", "1024",
                            "--gpu-memory-gb", "80")
