@@ -10,6 +10,10 @@
     above the level before the model was built (trainer/memory.py). Minutes per variant on 2 cores.
 
     python bench/banded_and_loss.py [--part attention|memory|all] [--repeats N] [--threads N]
+    python bench/banded_and_loss.py --part attention --device cuda [--flex]   # on a GPU, bf16 by default
+
+On a GPU (--device cuda) the attention part runs in bf16 (as training does; --dtype fp32 to override),
+and --flex adds FlexAttention with a sliding-window block mask (compiled; it has no backward on CPU).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -38,14 +42,32 @@ SEQ, WINDOW, BATCH = 2048, 256, 1
 GPT3_SMALL = REPO / "configs/model/gpt3-125m.yaml"
 
 
-def attention_steps() -> dict[str, Callable[[], None]]:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def flex_banded(window: int, device: str) -> Callable[..., torch.Tensor]:
+    """FlexAttention over the band (compiled, as it must be to be fused), same semantics as the mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def band(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    block_mask = create_block_mask(band, None, None, SEQ, SEQ, device=device)
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def attention_steps(device: str = "cpu", dtype: torch.dtype = torch.float32,
+                    flex_fn: Optional[Callable[..., torch.Tensor]] = None) -> dict[str, Callable[[], None]]:
     """Forward + backward of each variant on the same input, layer-level and attention-only."""
     cfg = load_model_config(GPT3_SMALL)
     torch.manual_seed(0)
     dense, banded = Attention(cfg), Attention(cfg, window=WINDOW)
     banded.load_state_dict(dense.state_dict())
-    x = torch.randn(BATCH, SEQ, cfg.d_model, requires_grad=True)
-    q, k, v = (torch.randn(BATCH, cfg.n_head, SEQ, cfg.head_dim, requires_grad=True) for _ in range(3))
+    dense, banded = dense.to(device, dtype), banded.to(device, dtype)
+    x = torch.randn(BATCH, SEQ, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = (torch.randn(BATCH, cfg.n_head, SEQ, cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
 
     def masked_layer(inp):  # the band as the old code passed it: SDPA over the whole (T, T) mask
         q_, k_, v_ = banded.project(inp, None, None)
@@ -63,7 +85,7 @@ def attention_steps() -> dict[str, Callable[[], None]]:
         "attention banded blocked": step(lambda: banded_attention(q, k, v, WINDOW)),
         "attention banded masked": step(lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=banded_causal_mask(SEQ, WINDOW, q.device))),
-    }
+    } | ({"attention banded flex": step(lambda: flex_fn(q, k, v))} if flex_fn else {})
 
 
 def ratio_line(times, name: str, base: str) -> str:
@@ -71,15 +93,29 @@ def ratio_line(times, name: str, base: str) -> str:
     return (f"| {name} / {base} | {statistics.median(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} |")
 
 
-def bench_attention(repeats: int) -> list[str]:
-    t = interleaved_times(attention_steps(), repeats)
-    lines = ["| variant (fwd+bwd, T=2048, W=256) | median s | best s |", "|---|---:|---:|"]
-    lines += [f"| {name} | {timing.median:.3f} | {timing.best:.3f} |" for name, timing in t.items()]
+def flex_difference(flex_fn: Callable[..., torch.Tensor], device: str, dtype: torch.dtype) -> float:
+    """Largest |flex - masked SDPA| on random inputs: the two must compute the same band."""
+    q, k, v = (torch.randn(BATCH, 12, SEQ, 64, device=device, dtype=dtype) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=banded_causal_mask(SEQ, WINDOW, q.device))
+    return (flex_fn(q, k, v) - ref).abs().max().item()
+
+
+def bench_attention(repeats: int, device: str = "cpu", dtype_name: str = "fp32", flex: bool = False) -> list[str]:
+    dtype = DTYPES[dtype_name]
+    flex_fn = flex_banded(WINDOW, device) if flex else None
+    t = interleaved_times(attention_steps(device, dtype, flex_fn), repeats, device=device)
+    lines = [f"{device}, {dtype_name}", "",
+             "| variant (fwd+bwd, T=2048, W=256) | median s | best s |", "|---|---:|---:|"]
+    lines += [f"| {name} | {timing.median:.5f} | {timing.best:.5f} |" for name, timing in t.items()]
     lines += ["", "| paired ratio | median | spread (min-max over rounds) |", "|---|---:|---:|"]
     for kind in ("layer", "attention"):
         lines.append(ratio_line(t, f"{kind} banded blocked", f"{kind} dense causal"))
         lines.append(ratio_line(t, f"{kind} banded masked", f"{kind} dense causal"))
         lines.append(ratio_line(t, f"{kind} banded blocked", f"{kind} banded masked"))
+    if flex:
+        lines.append(ratio_line(t, "attention banded flex", "attention dense causal"))
+        lines.append(ratio_line(t, "attention banded flex", "attention banded blocked"))
+        lines.append(f"\nflex vs the masked reference: max |difference| {flex_difference(flex_fn, device, dtype):.2e}")
     return lines
 
 
@@ -117,13 +153,21 @@ def main() -> None:
     parser.add_argument("--part", choices=["attention", "memory", "all"], default="all")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="attention part only")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on cpu, bf16 on cuda")
+    parser.add_argument("--flex", action="store_true", help="also FlexAttention's sliding window (cuda only)")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flex and args.device != "cuda":
+        parser.error("--flex needs --device cuda: FlexAttention has no backward on CPU (torch 2.13)")
+    if args.device == "cuda" and args.part != "attention":
+        parser.error("--device cuda: only --part attention (the memory part measures CPU resident memory)")
     torch.set_num_threads(args.threads)
     if args.memory_child is not None:
         return memory_child(args.memory_child)
     if args.part in ("attention", "all"):
-        print("\n".join(bench_attention(args.repeats)))
+        dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+        print("\n".join(bench_attention(args.repeats, args.device, dtype, args.flex)))
     if args.part in ("memory", "all"):
         print("\n".join(bench_memory(args.threads)))
 
