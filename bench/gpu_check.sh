@@ -18,7 +18,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-CHECKS=${CHECKS:-gpt3-small-step trainer-gpt3-small trainer-gpt3-small-compiled trainer-tiny-switch switch-layer banded-layer plan-accuracy eval-cuda eval-cpu}
+CHECKS=${CHECKS:-gpt3-small-step trainer-gpt3-small trainer-gpt3-small-compiled trainer-tiny-switch switch-layer banded-layer banded-layer-flex plan-accuracy eval-cuda eval-cpu}
 step() {  # step NAME TIMEOUT COMMAND...: runs one check, logs it, goes on when it fails
   local name=$1 limit=$2; shift 2
   case " $CHECKS " in *" $name "*) ;; *) return 0 ;; esac
@@ -54,9 +54,10 @@ step trainer-tiny-switch 90 $PY -m cluster.cli train configs/train/tiny-switch-c
 cp "$RUNS/tiny-switch/metrics.jsonl" "$OUT/trainer-tiny-switch.metrics.jsonl" 2>/dev/null
 # 4. The Switch layer against DeepSpeed's MoE on the GPU (the CPU benchmark's shapes).
 step switch-layer 90 $PY bench/model_step.py --part moe --device cuda --repeats 20
-# 4b. GPT-3's banded layer against the dense causal layer (bf16, T 2048, window 256), with FlexAttention's
-#     sliding window beside the blocked layout (its compile is most of this step's time).
-step banded-layer 150 $PY bench/banded_and_loss.py --part attention --device cuda --repeats 20 --flex
+# 4b. GPT-3's banded layer against the dense causal layer (bf16, T 2048, window 256); then again with
+#     FlexAttention's sliding window beside the blocked layout (apart, so a failed compile loses nothing).
+step banded-layer 90 $PY bench/banded_and_loss.py --part attention --device cuda --repeats 20
+step banded-layer-flex 150 $PY bench/banded_and_loss.py --part attention --device cuda --repeats 20 --flex
 # 5. The planner's memory estimate against torch.cuda.max_memory_allocated.
 step plan-accuracy 90 $PY bench/plan_accuracy.py configs/train/gpt3-125m.yaml configs/train/tiny-switch-cpu.yaml \
   --device cuda --engine deepspeed --json
