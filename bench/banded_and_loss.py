@@ -95,7 +95,8 @@ def ratio_line(times, name: str, base: str) -> str:
 
 def flex_difference(flex_fn: Callable[..., torch.Tensor], device: str, dtype: torch.dtype) -> float:
     """Largest |flex - masked SDPA| on random inputs: the two must compute the same band."""
-    q, k, v = (torch.randn(BATCH, 12, SEQ, 64, device=device, dtype=dtype) for _ in range(3))
+    cfg = load_model_config(GPT3_SMALL)
+    q, k, v = (torch.randn(BATCH, cfg.n_head, SEQ, cfg.head_dim, device=device, dtype=dtype) for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=banded_causal_mask(SEQ, WINDOW, q.device))
     return (flex_fn(q, k, v) - ref).abs().max().item()
 
